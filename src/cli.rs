@@ -1,0 +1,169 @@
+//! Command line: one binary, one subcommand per job.
+//!
+//! `feed` runs the feed worker and `simulate` the upstream simulators.
+//! Exit status: 0 after a clean shutdown (including SIGINT/SIGTERM), 1 on a
+//! runtime error, 2 for invalid usage or configuration, 3 when fenced by a
+//! newer instance with the same transactional id (do not restart blindly).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::clock::SystemClock;
+use crate::config::Config;
+use crate::feed::{FeedError, FeedWorker};
+use crate::http::Readiness;
+use crate::metrics::Metrics;
+
+/// How long a shutdown may take before the process gives up waiting.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Parser)]
+#[command(name = "sandbox-bridge", version, about = "Bridges malware-sandbox services and Apache Kafka")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Publish the VirusTotal file-behaviour feed to Kafka.
+    Feed(ConfigArgs),
+    /// Serve simulators of the upstream APIs (for tests, demos and benchmarks).
+    Simulate(crate::sim::SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// The TOML configuration file.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Ok = 0,
+    Failed = 1,
+    Usage = 2,
+    Fenced = 3,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone());
+        match cli.command {
+            Command::Feed(args) => run_feed(args, shutdown).await,
+            Command::Simulate(args) => match crate::sim::run(args, shutdown).await {
+                Ok(()) => Exit::Ok,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    Exit::Failed
+                }
+            },
+        }
+    });
+    // Background tasks (HTTP server, fetches) are not waited for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    ExitCode::from(code as u8)
+}
+
+fn load_config(path: &std::path::Path) -> Result<Config, Exit> {
+    Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        Exit::Usage
+    })
+}
+
+async fn run_feed(args: ConfigArgs, shutdown: CancellationToken) -> Exit {
+    let config = match load_config(&args.config) {
+        Ok(c) => Arc::new(c),
+        Err(code) => return code,
+    };
+    crate::logging::init(&config.log);
+    if !config.feed.enabled {
+        eprintln!("error: feed.enabled is false: nothing to run");
+        return Exit::Usage;
+    }
+    let metrics = Metrics::new();
+    let readiness = Readiness::default();
+    if let Some(addr) = config.metrics.listen
+        && let Err(e) = crate::http::serve(addr, metrics.clone(), readiness.clone(), shutdown.clone()).await
+    {
+        error!("cannot serve metrics on {addr}: {e}");
+        return Exit::Failed;
+    }
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        topic = %config.feed.topic,
+        delivery = ?config.feed.delivery,
+        "feed worker starting"
+    );
+    let worker = FeedWorker::new(config, Arc::new(SystemClock), metrics.feed.clone()).with_readiness(readiness);
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { worker.run(shutdown).await }
+    });
+    let result = tokio::select! {
+        r = task => r,
+        _ = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_TIMEOUT).await;
+        } => {
+            error!("shutdown did not finish within {SHUTDOWN_TIMEOUT:?}; exiting");
+            return Exit::Failed;
+        }
+    };
+    match result {
+        Ok(Ok(())) => {
+            info!("feed worker stopped");
+            Exit::Ok
+        }
+        Ok(Err(e @ FeedError::Fenced(_))) => {
+            error!("{e}");
+            Exit::Fenced
+        }
+        Ok(Err(e)) => {
+            error!("{e}");
+            eprintln!("error: {e}");
+            Exit::Failed
+        }
+        Err(e) => {
+            error!("feed worker crashed: {e}");
+            Exit::Failed
+        }
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+fn spawn_signal_handler(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("warning: cannot listen for SIGTERM: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+                token.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        token.cancel();
+    });
+}

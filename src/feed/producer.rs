@@ -1,0 +1,166 @@
+//! The feed worker's Kafka producer.
+//!
+//! Exactly-once: a transactional producer (`transactional.id` from the
+//! config). `init_transactions` at creation fences any older instance with
+//! the same id and aborts its open transaction. At-least-once: an idempotent
+//! producer without transactions, for clusters that do not allow them.
+//! Records are partitioned with `murmur2_random`, so keys land where Java
+//! clients would put them. The local queue is capped so memory stays bounded
+//! whatever the batch size.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use tracing::{error, warn};
+
+use crate::config::{Delivery, FeedConfig, KafkaConfig};
+use crate::kafka::client_config;
+use crate::metrics::FeedMetrics;
+
+/// Counts delivery failures; transactions catch them at commit, at-least-once checks the count.
+pub struct FeedProducerContext {
+    delivery_errors: AtomicU64,
+    metrics: FeedMetrics,
+}
+
+impl ClientContext for FeedProducerContext {}
+
+impl ProducerContext for FeedProducerContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            let first = self.delivery_errors.fetch_add(1, Ordering::Relaxed) == 0;
+            self.metrics.delivery_errors.inc();
+            if first {
+                warn!(error = %e, "a record could not be delivered to Kafka");
+            }
+        }
+    }
+}
+
+pub type RawProducer = BaseProducer<FeedProducerContext>;
+
+/// Classifies a Kafka error for the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaFailure {
+    /// Another instance with the same transactional id took over: stop.
+    Fenced,
+    /// The producer is unusable: create a new one.
+    Fatal,
+    /// Abort (if needed) and retry the batch.
+    Retryable,
+}
+
+pub fn classify_kafka_error(e: &KafkaError) -> KafkaFailure {
+    let code = e.rdkafka_error_code();
+    if matches!(
+        code,
+        Some(RDKafkaErrorCode::Fenced)
+            | Some(RDKafkaErrorCode::ProducerFenced)
+            | Some(RDKafkaErrorCode::InvalidProducerEpoch)
+    ) {
+        return KafkaFailure::Fenced;
+    }
+    if let KafkaError::Transaction(t) = e {
+        if t.is_fatal() {
+            return KafkaFailure::Fatal;
+        }
+        return KafkaFailure::Retryable;
+    }
+    match code {
+        Some(RDKafkaErrorCode::Fatal) => KafkaFailure::Fatal,
+        _ => KafkaFailure::Retryable,
+    }
+}
+
+/// A ready producer and how it delivers.
+pub struct FeedProducer {
+    pub inner: RawProducer,
+    pub delivery: Delivery,
+}
+
+impl FeedProducer {
+    /// Creates the producer; with transactions, fences older instances (blocking).
+    pub fn create(kafka: &KafkaConfig, feed: &FeedConfig, metrics: &FeedMetrics) -> Result<FeedProducer, KafkaError> {
+        let mut defaults: Vec<(&str, String)> = vec![
+            ("partitioner", "murmur2_random".into()),
+            ("acks", "all".into()),
+            ("enable.idempotence", "true".into()),
+            ("linger.ms", "20".into()),
+            ("compression.type", "lz4".into()),
+            ("message.max.bytes", feed.max_message_bytes.to_string()),
+            // Bounded local queue: at most this much waits in librdkafka.
+            ("queue.buffering.max.kbytes", "32768".into()),
+            ("queue.buffering.max.messages", "50000".into()),
+        ];
+        if feed.delivery == Delivery::ExactlyOnce {
+            defaults.push(("transactional.id", feed.transactional_id.clone()));
+            defaults.push(("transaction.timeout.ms", feed.transaction_timeout.as_millis().to_string()));
+        }
+        let context = FeedProducerContext {
+            delivery_errors: AtomicU64::new(0),
+            metrics: metrics.clone(),
+        };
+        let inner: RawProducer = client_config(kafka, &defaults).create_with_context(context)?;
+        if feed.delivery == Delivery::ExactlyOnce {
+            inner.init_transactions(kafka.operation_timeout.max(Duration::from_secs(30)))?;
+        }
+        Ok(FeedProducer {
+            inner,
+            delivery: feed.delivery,
+        })
+    }
+
+    pub fn delivery_errors(&self) -> u64 {
+        self.inner.context().delivery_errors.load(Ordering::Relaxed)
+    }
+
+    /// Queues one record, waiting while the local queue is full.
+    pub fn send(&self, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), KafkaError> {
+        loop {
+            match self.inner.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    self.inner.poll(Duration::from_millis(20));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Serves delivery reports without waiting (call regularly).
+    pub fn serve(&self) {
+        self.inner.poll(Duration::ZERO);
+    }
+
+    /// Waits until everything queued is acknowledged (or fails).
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.inner.flush(timeout)
+    }
+
+    pub fn begin(&self) -> Result<(), KafkaError> {
+        self.inner.begin_transaction()
+    }
+
+    /// Commits the open transaction (flushing first).
+    pub fn commit(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.inner.commit_transaction(timeout)
+    }
+
+    /// Aborts the open transaction, logging (not returning) a failure: the
+    /// next `init_transactions` aborts it anyway.
+    pub fn abort(&self, timeout: Duration) {
+        if self.delivery != Delivery::ExactlyOnce {
+            return;
+        }
+        if let Err(e) = self.inner.abort_transaction(timeout) {
+            error!(error = %e, "could not abort the Kafka transaction; it is aborted when the worker restarts");
+        }
+    }
+}
