@@ -24,7 +24,11 @@ use crate::metrics::Metrics;
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Parser)]
-#[command(name = "sandbox-bridge", version, about = "Bridges malware-sandbox services and Apache Kafka")]
+#[command(
+    name = "sandbox-bridge",
+    version,
+    about = "Bridges malware-sandbox services and Apache Kafka"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -55,7 +59,10 @@ enum Exit {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -101,7 +108,8 @@ async fn run_feed(args: ConfigArgs, shutdown: CancellationToken) -> Exit {
     let metrics = Metrics::new();
     let readiness = Readiness::default();
     if let Some(addr) = config.metrics.listen
-        && let Err(e) = crate::http::serve(addr, metrics.clone(), readiness.clone(), shutdown.clone()).await
+        && let Err(e) =
+            crate::http::serve(addr, metrics.clone(), readiness.clone(), shutdown.clone()).await
     {
         error!("cannot serve metrics on {addr}: {e}");
         return Exit::Failed;
@@ -112,7 +120,8 @@ async fn run_feed(args: ConfigArgs, shutdown: CancellationToken) -> Exit {
         delivery = ?config.feed.delivery,
         "feed worker starting"
     );
-    let worker = FeedWorker::new(config, Arc::new(SystemClock), metrics.feed.clone()).with_readiness(readiness);
+    let worker = FeedWorker::new(config, Arc::new(SystemClock), metrics.feed.clone())
+        .with_readiness(readiness);
     let task = tokio::spawn({
         let shutdown = shutdown.clone();
         async move { worker.run(shutdown).await }
@@ -151,15 +160,16 @@ async fn run_feed(args: ConfigArgs, shutdown: CancellationToken) -> Exit {
 /// Cancels `token` on SIGINT or SIGTERM.
 fn spawn_signal_handler(token: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("warning: cannot listen for SIGTERM: {e}");
-                let _ = tokio::signal::ctrl_c().await;
-                token.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("warning: cannot listen for SIGTERM: {e}");
+                    let _ = tokio::signal::ctrl_c().await;
+                    token.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -34,7 +34,9 @@ impl Clock for SystemClock {
             // Sleep in slices so a wall-clock jump (NTP step, suspend) is noticed.
             loop {
                 let now = SystemTime::now();
-                let Ok(left) = deadline.duration_since(now) else { return };
+                let Ok(left) = deadline.duration_since(now) else {
+                    return;
+                };
                 if left.is_zero() {
                     return;
                 }
@@ -109,11 +111,17 @@ mod tests {
     #[tokio::test]
     async fn past_deadlines_complete_at_once() {
         let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(100));
-        tokio::time::timeout(Duration::from_secs(1), clock.sleep_until(SystemTime::UNIX_EPOCH))
-            .await
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(1), SystemClock.sleep_until(SystemTime::UNIX_EPOCH))
-            .await
-            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            clock.sleep_until(SystemTime::UNIX_EPOCH),
+        )
+        .await
+        .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            SystemClock.sleep_until(SystemTime::UNIX_EPOCH),
+        )
+        .await
+        .unwrap();
     }
 }

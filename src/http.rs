@@ -27,7 +27,10 @@ impl Readiness {
     }
 
     pub fn set_unready(&self, who: &'static str, reason: impl Into<String>) {
-        self.0.lock().expect("readiness lock").insert(who, Some(reason.into()));
+        self.0
+            .lock()
+            .expect("readiness lock")
+            .insert(who, Some(reason.into()));
     }
 
     /// `Ok` when everything is ready, else the reasons.
@@ -40,7 +43,11 @@ impl Readiness {
         if map.is_empty() {
             return Err(vec!["starting".into()]);
         }
-        if reasons.is_empty() { Ok(()) } else { Err(reasons) }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons)
+        }
     }
 }
 
@@ -75,7 +82,10 @@ pub async fn serve(
 
 async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
 }
@@ -83,6 +93,9 @@ async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
 async fn ready(State(s): State<AppState>) -> impl IntoResponse {
     match s.readiness.check() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-        Err(reasons) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{}\n", reasons.join("\n"))),
+        Err(reasons) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready\n{}\n", reasons.join("\n")),
+        ),
     }
 }

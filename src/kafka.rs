@@ -24,7 +24,10 @@ use crate::config::KafkaConfig;
 pub fn client_config(kafka: &KafkaConfig, defaults: &[(&str, String)]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &kafka.bootstrap_servers);
-    c.set("client.id", concat!("sandbox-bridge/", env!("CARGO_PKG_VERSION")));
+    c.set(
+        "client.id",
+        concat!("sandbox-bridge/", env!("CARGO_PKG_VERSION")),
+    );
     for (k, v) in defaults {
         c.set(*k, v);
     }
@@ -57,7 +60,9 @@ pub struct TopicSpec {
 pub enum TopicError {
     #[error("cannot reach Kafka at {servers}: {source}")]
     Unreachable { servers: String, source: KafkaError },
-    #[error("topic {0} does not exist and kafka.create_topics is false; create it or enable creation")]
+    #[error(
+        "topic {0} does not exist and kafka.create_topics is false; create it or enable creation"
+    )]
     Missing(String),
     #[error("cannot create topic {name}: {reason}")]
     Create { name: String, reason: String },
@@ -75,13 +80,17 @@ pub async fn ensure_topics(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(
         servers: kafka.bootstrap_servers.clone(),
         source,
     };
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka, &[]).create().map_err(unreachable)?;
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(kafka, &[]).create().map_err(unreachable)?;
     let timeout = kafka.operation_timeout;
     let existing = existing_topics(client_config(kafka, &[]), timeout)
         .await
         .map_err(unreachable)?;
 
-    let to_create: Vec<&TopicSpec> = specs.iter().filter(|s| !existing.contains_key(&s.name)).collect();
+    let to_create: Vec<&TopicSpec> = specs
+        .iter()
+        .filter(|s| !existing.contains_key(&s.name))
+        .collect();
     if !to_create.is_empty() {
         if !kafka.create_topics {
             return Err(TopicError::Missing(to_create[0].name.clone()));
@@ -97,7 +106,10 @@ pub async fn ensure_topics(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(
             })
             .collect();
         let opts = AdminOptions::new().operation_timeout(Some(timeout));
-        let results = admin.create_topics(&new_topics, &opts).await.map_err(unreachable)?;
+        let results = admin
+            .create_topics(&new_topics, &opts)
+            .await
+            .map_err(unreachable)?;
         for r in results {
             match r {
                 Ok(name) => info!(topic = %name, "created topic"),
@@ -113,7 +125,10 @@ pub async fn ensure_topics(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(
     }
 
     let opts = AdminOptions::new().request_timeout(Some(timeout));
-    for spec in specs.iter().filter(|s| s.must_not_compact || s.expect_compacted) {
+    for spec in specs
+        .iter()
+        .filter(|s| s.must_not_compact || s.expect_compacted)
+    {
         let described = admin
             .describe_configs(&[ResourceSpecifier::Topic(&spec.name)], &opts)
             .await
@@ -143,7 +158,10 @@ pub async fn ensure_topics(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(
 }
 
 /// Topic name → partition count, from a metadata request on a blocking thread.
-pub async fn existing_topics(config: ClientConfig, timeout: Duration) -> Result<HashMap<String, usize>, KafkaError> {
+pub async fn existing_topics(
+    config: ClientConfig,
+    timeout: Duration,
+) -> Result<HashMap<String, usize>, KafkaError> {
     tokio::task::spawn_blocking(move || {
         let producer: BaseProducer = config.create()?;
         let md = producer.client().fetch_metadata(None, timeout)?;
@@ -155,5 +173,7 @@ pub async fn existing_topics(config: ClientConfig, timeout: Duration) -> Result<
             .collect())
     })
     .await
-    .unwrap_or_else(|e| Err(KafkaError::Canceled).inspect_err(|_| warn!("metadata task failed: {e}")))
+    .unwrap_or_else(|e| {
+        Err(KafkaError::Canceled).inspect_err(|_| warn!("metadata task failed: {e}"))
+    })
 }

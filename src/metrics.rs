@@ -7,8 +7,8 @@
 //! gauges holding Unix seconds, so `time() - x` works.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub const PREFIX: &str = "sandbox_bridge";
@@ -56,7 +56,8 @@ fn name(n: &str) -> String {
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
     // Registration only fails on a duplicate name, which is a catalogue bug.
-    r.register(Box::new(c.clone())).expect("metric catalogue has a duplicate name");
+    r.register(Box::new(c.clone()))
+        .expect("metric catalogue has a duplicate name");
     c
 }
 
@@ -69,7 +70,10 @@ fn counter(r: &Registry, n: &str, help: &str) -> IntCounter {
 }
 
 fn counter_vec(r: &Registry, n: &str, help: &str, label: &str, values: &[&str]) -> IntCounterVec {
-    let c = register(r, IntCounterVec::new(Opts::new(name(n), help), &[label]).expect("valid metric"));
+    let c = register(
+        r,
+        IntCounterVec::new(Opts::new(name(n), help), &[label]).expect("valid metric"),
+    );
     for v in values {
         c.with_label_values(&[*v]);
     }
@@ -82,18 +86,26 @@ impl Metrics {
         let build = register(
             &r,
             IntGaugeVec::new(
-                Opts::new(name("build_info"), "Build information; the value is always 1."),
+                Opts::new(
+                    name("build_info"),
+                    "Build information; the value is always 1.",
+                ),
                 &["version"],
             )
             .expect("valid metric"),
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let stage_buckets = vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0];
+        let stage_buckets = vec![
+            0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0,
+        ];
         let stage_seconds = register(
             &r,
             HistogramVec::new(
-                HistogramOpts::new(name("feed_stage_duration_seconds"), "Time spent per batch in each stage.")
-                    .buckets(stage_buckets),
+                HistogramOpts::new(
+                    name("feed_stage_duration_seconds"),
+                    "Time spent per batch in each stage.",
+                )
+                .buckets(stage_buckets),
                 &["stage"],
             )
             .expect("valid metric"),
@@ -112,7 +124,11 @@ impl Metrics {
                 "feed_lag_seconds",
                 "(now - 60 min) - start of the next minute to publish; about 0 when caught up.",
             ),
-            pending_minutes: gauge(&r, "feed_pending_minutes", "Available minutes not yet published."),
+            pending_minutes: gauge(
+                &r,
+                "feed_pending_minutes",
+                "Available minutes not yet published.",
+            ),
             batches: counter_vec(
                 &r,
                 "feed_batches_total",
@@ -130,14 +146,26 @@ impl Metrics {
                 "feed_missing_run_alert",
                 "1 while a run of missing minutes at or over missing_threshold is open.",
             ),
-            gaps_open: gauge(&r, "feed_gaps_open", "Recorded gaps still inside the 7-day window."),
-            gap_minutes_open: gauge(&r, "feed_gap_minutes_open", "Minutes in recorded gaps still re-checked."),
+            gaps_open: gauge(
+                &r,
+                "feed_gaps_open",
+                "Recorded gaps still inside the 7-day window.",
+            ),
+            gap_minutes_open: gauge(
+                &r,
+                "feed_gap_minutes_open",
+                "Minutes in recorded gaps still re-checked.",
+            ),
             gap_minutes_lost: counter(
                 &r,
                 "feed_gap_minutes_lost_total",
                 "Minutes given up as lost (fell out of the 7-day window unrecovered).",
             ),
-            records: counter(&r, "feed_records_total", "Records published to the feed topic."),
+            records: counter(
+                &r,
+                "feed_records_total",
+                "Records published to the feed topic.",
+            ),
             dlq_records: counter_vec(
                 &r,
                 "feed_dlq_records_total",
@@ -145,18 +173,41 @@ impl Metrics {
                 "reason",
                 DLQ_REASONS,
             ),
-            downloaded_bytes: counter(&r, "feed_downloaded_bytes_total", "Compressed bytes downloaded."),
-            decoded_bytes: counter(&r, "feed_decoded_bytes_total", "Decoded bytes of committed batches."),
+            downloaded_bytes: counter(
+                &r,
+                "feed_downloaded_bytes_total",
+                "Compressed bytes downloaded.",
+            ),
+            decoded_bytes: counter(
+                &r,
+                "feed_decoded_bytes_total",
+                "Decoded bytes of committed batches.",
+            ),
             stage_seconds,
-            transaction_aborts: counter(&r, "feed_transaction_aborts_total", "Kafka transactions aborted."),
+            transaction_aborts: counter(
+                &r,
+                "feed_transaction_aborts_total",
+                "Kafka transactions aborted.",
+            ),
             fetch_retries: counter_vec(
                 &r,
                 "feed_fetch_retries_total",
                 "Upstream requests retried, by cause.",
                 "cause",
-                &["rate_limited", "server_error", "network", "corrupt", "not_available_yet", "other"],
+                &[
+                    "rate_limited",
+                    "server_error",
+                    "network",
+                    "corrupt",
+                    "not_available_yet",
+                    "other",
+                ],
             ),
-            delivery_errors: counter(&r, "feed_delivery_errors_total", "Kafka records whose delivery failed."),
+            delivery_errors: counter(
+                &r,
+                "feed_delivery_errors_total",
+                "Kafka records whose delivery failed.",
+            ),
             pipeline_restarts: counter(
                 &r,
                 "feed_pipeline_restarts_total",
@@ -198,15 +249,21 @@ mod tests {
         let text = m.render();
         for reason in DLQ_REASONS {
             assert!(
-                text.contains(&format!("sandbox_bridge_feed_dlq_records_total{{reason=\"{reason}\"}} 0")),
+                text.contains(&format!(
+                    "sandbox_bridge_feed_dlq_records_total{{reason=\"{reason}\"}} 0"
+                )),
                 "{reason} missing"
             );
         }
         for outcome in BATCH_OUTCOMES {
-            assert!(text.contains(&format!("sandbox_bridge_feed_batches_total{{outcome=\"{outcome}\"}} 0")));
+            assert!(text.contains(&format!(
+                "sandbox_bridge_feed_batches_total{{outcome=\"{outcome}\"}} 0"
+            )));
         }
         assert!(text.contains("sandbox_bridge_build_info{version="));
-        assert!(text.contains("sandbox_bridge_feed_stage_duration_seconds_bucket{stage=\"commit\""));
+        assert!(
+            text.contains("sandbox_bridge_feed_stage_duration_seconds_bucket{stage=\"commit\"")
+        );
     }
 
     #[test]

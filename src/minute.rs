@@ -100,7 +100,8 @@ impl Minute {
     }
 
     fn datetime(self) -> OffsetDateTime {
-        OffsetDateTime::from_unix_timestamp(self.unix_seconds()).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+        OffsetDateTime::from_unix_timestamp(self.unix_seconds())
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH)
     }
 
     /// RFC 3339 form of the minute's start, for logs and state records.
@@ -211,8 +212,9 @@ pub struct FeedWindow {
 impl FeedWindow {
     pub fn at(now: SystemTime, edge_margin_minutes: i64) -> FeedWindow {
         let newest = Minute::containing(now.checked_sub(FEED_LAG).unwrap_or(UNIX_EPOCH));
-        let oldest = Minute::starting_at_or_after(now.checked_sub(FEED_WINDOW).unwrap_or(UNIX_EPOCH))
-            .plus(edge_margin_minutes);
+        let oldest =
+            Minute::starting_at_or_after(now.checked_sub(FEED_WINDOW).unwrap_or(UNIX_EPOCH))
+                .plus(edge_margin_minutes);
         FeedWindow { oldest, newest }
     }
 
@@ -248,7 +250,10 @@ mod tests {
         assert_eq!(m.to_string(), "201912010802");
         assert_eq!(m.rfc3339(), "2019-12-01T08:02:00Z");
         assert_eq!(m.next().to_string(), "201912010803");
-        assert_eq!(Minute::parse("201912312359").unwrap().next().to_string(), "202001010000");
+        assert_eq!(
+            Minute::parse("201912312359").unwrap().next().to_string(),
+            "202001010000"
+        );
     }
 
     #[test]
@@ -261,7 +266,14 @@ mod tests {
 
     #[test]
     fn refuses_malformed_minutes() {
-        for bad in ["", "2019120108", "201913010802", "201912011260", "20191201080a", "yesterday"] {
+        for bad in [
+            "",
+            "2019120108",
+            "201913010802",
+            "201912011260",
+            "20191201080a",
+            "yesterday",
+        ] {
             assert!(Minute::parse(bad).is_err(), "{bad} should be refused");
         }
         let e = Minute::parse("nope").unwrap_err().to_string();
@@ -276,7 +288,10 @@ mod tests {
         // One second before, only 08:59.
         let w = FeedWindow::at(at("2026-11-23T09:59:59Z"), 0);
         assert_eq!(w.newest.to_string(), "202611230859");
-        assert_eq!(Minute::parse("202611230901").unwrap().available_at(), at("2026-11-23T10:01:00Z"));
+        assert_eq!(
+            Minute::parse("202611230901").unwrap().available_at(),
+            at("2026-11-23T10:01:00Z")
+        );
     }
 
     #[test]
@@ -305,11 +320,10 @@ mod tests {
         let a = Minute::parse("202611230900").unwrap();
         let r = MinuteRange::new(a, a.plus(2));
         assert_eq!(r.len(), 3);
-        assert_eq!(r.iter().map(|m| m.to_string()).collect::<Vec<_>>(), [
-            "202611230900",
-            "202611230901",
-            "202611230902"
-        ]);
+        assert_eq!(
+            r.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+            ["202611230900", "202611230901", "202611230902"]
+        );
         assert!(r.contains(a.next()) && !r.contains(a.plus(3)));
         assert_eq!(r.to_string(), "202611230900..202611230902 (3 minutes)");
     }

@@ -167,7 +167,11 @@ impl Config {
     }
 
     /// Checks TOML text; relative file paths are resolved against `base_dir`.
-    pub fn parse(text: &str, base_dir: &Path, env: &dyn Environment) -> Result<Config, ConfigError> {
+    pub fn parse(
+        text: &str,
+        base_dir: &Path,
+        env: &dyn Environment,
+    ) -> Result<Config, ConfigError> {
         let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: PathBuf::new(),
             message: e.to_string().trim_end().to_string(),
@@ -191,18 +195,34 @@ const RESERVED_PROPERTIES: &[(&str, &str)] = &[
     ("bootstrap.servers", "use kafka.bootstrap_servers"),
     ("transactional.id", "use feed.transactional_id"),
     ("enable.idempotence", "set by feed.delivery"),
-    ("isolation.level", "the worker always reads its state read_committed"),
-    ("partitioner", "records are partitioned with murmur2_random, like Java clients"),
+    (
+        "isolation.level",
+        "the worker always reads its state read_committed",
+    ),
+    (
+        "partitioner",
+        "records are partitioned with murmur2_random, like Java clients",
+    ),
     ("group.id", "set per pipeline"),
     ("enable.auto.commit", "offsets are committed by the worker"),
 ];
 
 fn check_kafka(raw: Option<raw::RawKafka>) -> Result<KafkaConfig, ConfigError> {
-    let raw = raw.ok_or_else(|| invalid("kafka", "missing section: kafka.bootstrap_servers is required"))?;
+    let raw = raw.ok_or_else(|| {
+        invalid(
+            "kafka",
+            "missing section: kafka.bootstrap_servers is required",
+        )
+    })?;
     let bootstrap_servers = raw
         .bootstrap_servers
         .filter(|s| !s.trim().is_empty())
-        .ok_or_else(|| invalid("kafka.bootstrap_servers", "required, e.g. \"localhost:9092\""))?;
+        .ok_or_else(|| {
+            invalid(
+                "kafka.bootstrap_servers",
+                "required, e.g. \"localhost:9092\"",
+            )
+        })?;
     let mut properties = BTreeMap::new();
     for (name, value) in raw.properties.unwrap_or_default() {
         let key = format!("kafka.properties.\"{name}\"");
@@ -231,7 +251,9 @@ fn check_topic(key: &str, name: String) -> Result<String, ConfigError> {
         && name.len() <= 249
         && name != "."
         && name != ".."
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
     if valid {
         Ok(name)
     } else {
@@ -242,15 +264,28 @@ fn check_topic(key: &str, name: String) -> Result<String, ConfigError> {
     }
 }
 
-fn check_range<T: PartialOrd + std::fmt::Display + Copy>(key: &str, v: T, lo: T, hi: T) -> Result<T, ConfigError> {
+fn check_range<T: PartialOrd + std::fmt::Display + Copy>(
+    key: &str,
+    v: T,
+    lo: T,
+    hi: T,
+) -> Result<T, ConfigError> {
     if v < lo || v > hi {
-        Err(invalid(key, format!("must be between {lo} and {hi} (got {v})")))
+        Err(invalid(
+            key,
+            format!("must be between {lo} and {hi} (got {v})"),
+        ))
     } else {
         Ok(v)
     }
 }
 
-fn check_duration(key: &str, v: Duration, lo: Duration, hi: Duration) -> Result<Duration, ConfigError> {
+fn check_duration(
+    key: &str,
+    v: Duration,
+    lo: Duration,
+    hi: Duration,
+) -> Result<Duration, ConfigError> {
     if v < lo || v > hi {
         Err(invalid(
             key,
@@ -277,7 +312,11 @@ fn read_secret_file(key: &str, path: &Path, base_dir: &Path) -> Result<Secret, C
     Ok(Secret::new(value))
 }
 
-fn check_feed(raw: raw::RawFeed, base_dir: &Path, env: &dyn Environment) -> Result<FeedConfig, ConfigError> {
+fn check_feed(
+    raw: raw::RawFeed,
+    base_dir: &Path,
+    env: &dyn Environment,
+) -> Result<FeedConfig, ConfigError> {
     let enabled = raw.enabled.unwrap_or(true);
     let base_url = raw
         .base_url
@@ -285,13 +324,19 @@ fn check_feed(raw: raw::RawFeed, base_dir: &Path, env: &dyn Environment) -> Resu
     let parsed = reqwest::Url::parse(&base_url)
         .map_err(|e| invalid("feed.base_url", format!("`{base_url}` is not a URL: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-        return Err(invalid("feed.base_url", "must be an http(s) URL with a host"));
+        return Err(invalid(
+            "feed.base_url",
+            "must be an http(s) URL with a host",
+        ));
     }
     let base_url = base_url.trim_end_matches('/').to_string();
 
     let api_key = match (raw.api_key, raw.api_key_file) {
         (Some(_), Some(_)) => {
-            return Err(invalid("feed.api_key", "set either feed.api_key or feed.api_key_file, not both"));
+            return Err(invalid(
+                "feed.api_key",
+                "set either feed.api_key or feed.api_key_file, not both",
+            ));
         }
         (Some(k), None) if k.is_empty() => return Err(invalid("feed.api_key", "is empty")),
         (Some(k), None) => Some(Secret::new(k)),
@@ -360,14 +405,19 @@ fn check_feed(raw: raw::RawFeed, base_dir: &Path, env: &dyn Environment) -> Resu
         enabled,
         base_url,
         api_key,
-        topic: check_topic("feed.topic", raw.topic.unwrap_or_else(|| "vt.file-behaviours".into()))?,
+        topic: check_topic(
+            "feed.topic",
+            raw.topic.unwrap_or_else(|| "vt.file-behaviours".into()),
+        )?,
         dlq_topic: check_topic(
             "feed.dlq_topic",
-            raw.dlq_topic.unwrap_or_else(|| "vt.file-behaviours.dlq".into()),
+            raw.dlq_topic
+                .unwrap_or_else(|| "vt.file-behaviours.dlq".into()),
         )?,
         state_topic: check_topic(
             "feed.state_topic",
-            raw.state_topic.unwrap_or_else(|| "sandbox-bridge.feed-state".into()),
+            raw.state_topic
+                .unwrap_or_else(|| "sandbox-bridge.feed-state".into()),
         )?,
         transactional_id,
         start,
@@ -377,24 +427,32 @@ fn check_feed(raw: raw::RawFeed, base_dir: &Path, env: &dyn Environment) -> Resu
             4096,
             100 << 20,
         )?,
-        missing_threshold: check_range("feed.missing_threshold", raw.missing_threshold.unwrap_or(2), 1, 10_080)?,
+        missing_threshold: check_range(
+            "feed.missing_threshold",
+            raw.missing_threshold.unwrap_or(2),
+            1,
+            10_080,
+        )?,
         delivery,
         missing_policy,
         missing_recheck_for: check_duration(
             "feed.missing_recheck_for",
-            raw.missing_recheck_for.unwrap_or(Duration::from_secs(15 * 60)),
+            raw.missing_recheck_for
+                .unwrap_or(Duration::from_secs(15 * 60)),
             Duration::ZERO,
             Duration::from_secs(7 * 24 * 3600),
         )?,
         missing_recheck_backoff: check_duration(
             "feed.missing_recheck_backoff",
-            raw.missing_recheck_backoff.unwrap_or(Duration::from_secs(30)),
+            raw.missing_recheck_backoff
+                .unwrap_or(Duration::from_secs(30)),
             Duration::from_millis(1),
             Duration::from_secs(3600),
         )?,
         gap_recheck_interval: check_duration(
             "feed.gap_recheck_interval",
-            raw.gap_recheck_interval.unwrap_or(Duration::from_secs(30 * 60)),
+            raw.gap_recheck_interval
+                .unwrap_or(Duration::from_secs(30 * 60)),
             Duration::from_millis(1),
             Duration::from_secs(24 * 3600),
         )?,
@@ -406,7 +464,12 @@ fn check_feed(raw: raw::RawFeed, base_dir: &Path, env: &dyn Environment) -> Resu
         )?,
         partitions: check_range("feed.partitions", raw.partitions.unwrap_or(6), 1, 10_000)?,
         prefetch: check_range("feed.prefetch", raw.prefetch.unwrap_or(4), 1, 64)?,
-        decode_threads: check_range("feed.decode_threads", raw.decode_threads.unwrap_or(threads), 1, 256)?,
+        decode_threads: check_range(
+            "feed.decode_threads",
+            raw.decode_threads.unwrap_or(threads),
+            1,
+            256,
+        )?,
         spool_memory_bytes: check_range(
             "feed.spool_memory_bytes",
             raw.spool_memory_bytes.unwrap_or(8 << 20),
@@ -455,8 +518,14 @@ fn check_metrics(raw: raw::RawMetrics) -> Result<MetricsConfig, ConfigError> {
         )
     })?;
     match addr.port() {
-        9090 => Err(invalid("metrics.listen", "port 9090 belongs to Prometheus; choose another")),
-        3000 => Err(invalid("metrics.listen", "port 3000 belongs to Grafana; choose another")),
+        9090 => Err(invalid(
+            "metrics.listen",
+            "port 9090 belongs to Prometheus; choose another",
+        )),
+        3000 => Err(invalid(
+            "metrics.listen",
+            "port 3000 belongs to Grafana; choose another",
+        )),
         _ => Ok(MetricsConfig { listen: Some(addr) }),
     }
 }
@@ -465,7 +534,12 @@ fn check_log(raw: raw::RawLog) -> Result<LogConfig, ConfigError> {
     let format = match raw.format.as_deref().unwrap_or("text") {
         "text" => LogFormat::Text,
         "json" => LogFormat::Json,
-        other => return Err(invalid("log.format", format!("`{other}` is not one of \"text\", \"json\""))),
+        other => {
+            return Err(invalid(
+                "log.format",
+                format!("`{other}` is not one of \"text\", \"json\""),
+            ));
+        }
     };
     let level = raw.level.unwrap_or_else(|| "info".to_string());
     tracing_subscriber::EnvFilter::try_new(&level)

@@ -37,7 +37,15 @@ impl fmt::Display for Secret {
 
 /// Whether a librdkafka property holds secret material (passwords, keys, JAAS, tokens).
 pub fn is_sensitive_property(name: &str) -> bool {
-    const MARKERS: &[&str] = &["password", "secret", "jaas", ".pem", "token", "credential", "sasl.oauthbearer.config"];
+    const MARKERS: &[&str] = &[
+        "password",
+        "secret",
+        "jaas",
+        ".pem",
+        "token",
+        "credential",
+        "sasl.oauthbearer.config",
+    ];
     let name = name.to_ascii_lowercase();
     MARKERS.iter().any(|m| name.contains(m))
 }

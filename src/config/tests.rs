@@ -4,7 +4,10 @@ use std::path::Path;
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -12,7 +15,9 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
 }
 
 fn error_of(text: &str) -> String {
-    parse(text).expect_err("configuration should be refused").to_string()
+    parse(text)
+        .expect_err("configuration should be refused")
+        .to_string()
 }
 
 const MINIMAL: &str = r#"
@@ -69,11 +74,21 @@ listen = "127.0.0.1:9999"
 "#,
     )
     .unwrap();
-    assert_eq!(c.kafka.properties.get("security.protocol"), Some("SASL_SSL"));
+    assert_eq!(
+        c.kafka.properties.get("security.protocol"),
+        Some("SASL_SSL")
+    );
     assert_eq!(c.kafka.properties.get("socket.timeout.ms"), Some("10000"));
     let f = &c.feed;
     assert_eq!(f.base_url, "http://127.0.0.1:8080");
-    assert_eq!((f.topic.as_str(), f.dlq_topic.as_str(), f.state_topic.as_str()), ("t", "t.dlq", "t.state"));
+    assert_eq!(
+        (
+            f.topic.as_str(),
+            f.dlq_topic.as_str(),
+            f.state_topic.as_str()
+        ),
+        ("t", "t.dlq", "t.state")
+    );
     assert_eq!(f.transactional_id, "tx-1");
     assert_eq!(f.start.unwrap().to_string(), "202611201015");
     assert_eq!(f.max_message_bytes, 2 << 20);
@@ -100,10 +115,19 @@ api_key = "vt-secret-key"
     )
     .unwrap();
     let printed = format!("{c:?} {}", c.feed.api_key);
-    for secret in ["hunter2", "keypass", "jaas-secret", "oidc-secret", "vt-secret-key"] {
+    for secret in [
+        "hunter2",
+        "keypass",
+        "jaas-secret",
+        "oidc-secret",
+        "vt-secret-key",
+    ] {
         assert!(!printed.contains(secret), "{secret} printed in {printed}");
     }
-    assert!(printed.contains("alice"), "non-secret properties stay readable");
+    assert!(
+        printed.contains("alice"),
+        "non-secret properties stay readable"
+    );
     assert!(printed.contains("[redacted]"));
 }
 
@@ -119,31 +143,74 @@ fn api_key_comes_from_file_or_environment() {
     let c = Config::parse(text, dir.path(), &env(&[("VT_API_KEY", "from-env")])).unwrap();
     assert_eq!(c.feed.api_key.expose(), "from-env");
 
-    let e = Config::parse(text, dir.path(), &env(&[])).unwrap_err().to_string();
-    assert!(e.starts_with("feed.api_key:") && e.contains("VT_API_KEY"), "{e}");
+    let e = Config::parse(text, dir.path(), &env(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("feed.api_key:") && e.contains("VT_API_KEY"),
+        "{e}"
+    );
 
     let text = "[kafka]\nbootstrap_servers = \"b:9092\"\n[feed]\napi_key_file = \"nope.key\"\n";
-    let e = Config::parse(text, dir.path(), &env(&[])).unwrap_err().to_string();
+    let e = Config::parse(text, dir.path(), &env(&[]))
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("feed.api_key_file: cannot read"), "{e}");
 }
 
 #[test]
 fn invalid_values_name_the_key_and_reason() {
     let cases: &[(&str, &str)] = &[
-        ("[feed]\napi_key='k'\nmax_message_bytes = 12", "feed.max_message_bytes: must be between"),
-        ("[feed]\napi_key='k'\nmissing_threshold = 0", "feed.missing_threshold: must be between"),
-        ("[feed]\napi_key='k'\ndelivery = 'twice'", "feed.delivery: `twice` is not one of"),
-        ("[feed]\napi_key='k'\nstart = 'yesterday'", "feed.start: `yesterday` is not a minute"),
-        ("[feed]\napi_key='k'\ntopic = 'bad topic'", "feed.topic: `bad topic` is not a valid Kafka topic"),
-        ("[feed]\napi_key='k'\nbase_url = 'ftp://x'", "feed.base_url: must be an http(s) URL"),
-        ("[feed]\napi_key='k'\nmissing_policy = 'ignore'", "feed.missing_policy:"),
-        ("[feed]\napi_key='k'\nretry_initial_backoff = 'soon'", "retry_initial_backoff"),
-        ("[feed]\napi_key='k'\n[metrics]\nlisten = '0.0.0.0:9090'", "metrics.listen: port 9090 belongs to Prometheus"),
-        ("[feed]\napi_key='k'\n[metrics]\nlisten = '0.0.0.0:3000'", "metrics.listen: port 3000 belongs to Grafana"),
-        ("[feed]\napi_key='k'\n[metrics]\nlisten = 'localhost'", "metrics.listen: `localhost` is not an address"),
+        (
+            "[feed]\napi_key='k'\nmax_message_bytes = 12",
+            "feed.max_message_bytes: must be between",
+        ),
+        (
+            "[feed]\napi_key='k'\nmissing_threshold = 0",
+            "feed.missing_threshold: must be between",
+        ),
+        (
+            "[feed]\napi_key='k'\ndelivery = 'twice'",
+            "feed.delivery: `twice` is not one of",
+        ),
+        (
+            "[feed]\napi_key='k'\nstart = 'yesterday'",
+            "feed.start: `yesterday` is not a minute",
+        ),
+        (
+            "[feed]\napi_key='k'\ntopic = 'bad topic'",
+            "feed.topic: `bad topic` is not a valid Kafka topic",
+        ),
+        (
+            "[feed]\napi_key='k'\nbase_url = 'ftp://x'",
+            "feed.base_url: must be an http(s) URL",
+        ),
+        (
+            "[feed]\napi_key='k'\nmissing_policy = 'ignore'",
+            "feed.missing_policy:",
+        ),
+        (
+            "[feed]\napi_key='k'\nretry_initial_backoff = 'soon'",
+            "retry_initial_backoff",
+        ),
+        (
+            "[feed]\napi_key='k'\n[metrics]\nlisten = '0.0.0.0:9090'",
+            "metrics.listen: port 9090 belongs to Prometheus",
+        ),
+        (
+            "[feed]\napi_key='k'\n[metrics]\nlisten = '0.0.0.0:3000'",
+            "metrics.listen: port 3000 belongs to Grafana",
+        ),
+        (
+            "[feed]\napi_key='k'\n[metrics]\nlisten = 'localhost'",
+            "metrics.listen: `localhost` is not an address",
+        ),
         ("[feed]\napi_key='k'\n[log]\nformat = 'xml'", "log.format:"),
         ("[feed]\napi_key='k'\ntopik = 'x'", "unknown field `topik`"),
-        ("[feed]\napi_key='k'\napi_key_file='f'", "feed.api_key: set either"),
+        (
+            "[feed]\napi_key='k'\napi_key_file='f'",
+            "feed.api_key: set either",
+        ),
         (
             "[feed]\napi_key='k'\n[kafka.properties]\n'transactional.id' = 'x'",
             "kafka.properties.\"transactional.id\": cannot be set here",
@@ -152,7 +219,10 @@ fn invalid_values_name_the_key_and_reason() {
     for (body, expected) in cases {
         let text = format!("[kafka]\nbootstrap_servers = 'b:9092'\n{body}\n");
         let e = error_of(&text);
-        assert!(e.contains(expected), "for {body:?}: got {e:?}, expected {expected:?}");
+        assert!(
+            e.contains(expected),
+            "for {body:?}: got {e:?}, expected {expected:?}"
+        );
     }
     assert!(error_of("[feed]\napi_key='k'\n").contains("kafka"));
 }

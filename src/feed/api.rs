@@ -43,7 +43,10 @@ pub enum FetchError {
     )]
     Forbidden { code: String, message: String },
     #[error("rate limited by VirusTotal (HTTP 429 {code})")]
-    RateLimited { code: String, retry_after: Option<Duration> },
+    RateLimited {
+        code: String,
+        retry_after: Option<Duration>,
+    },
     #[error("VirusTotal server error (HTTP {status} {code})")]
     Server { status: u16, code: String },
     #[error("network error talking to {origin}: {detail}")]
@@ -51,7 +54,11 @@ pub enum FetchError {
     #[error("download from {origin} failed: {detail}")]
     Download { origin: String, detail: String },
     #[error("unexpected answer from VirusTotal (HTTP {status} {code}): {message}")]
-    Unexpected { status: u16, code: String, message: String },
+    Unexpected {
+        status: u16,
+        code: String,
+        message: String,
+    },
     #[error("cannot spool the download: {0}")]
     Spool(#[from] std::io::Error),
 }
@@ -59,7 +66,10 @@ pub enum FetchError {
 impl FetchError {
     /// Permanent errors stop the worker: retrying cannot help until an operator acts.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, FetchError::Unauthorized { .. } | FetchError::Forbidden { .. })
+        matches!(
+            self,
+            FetchError::Unauthorized { .. } | FetchError::Forbidden { .. }
+        )
     }
 
     /// The `cause` label of the retry counter.
@@ -155,7 +165,9 @@ impl FeedClient {
         let retry_after = retry_after(response.headers());
         let (code, message) = error_body(response).await;
         Err(match status {
-            StatusCode::BAD_REQUEST if code == "NotAvailableYet" => return Ok(Fetched::NotAvailableYet),
+            StatusCode::BAD_REQUEST if code == "NotAvailableYet" => {
+                return Ok(Fetched::NotAvailableYet);
+            }
             StatusCode::NOT_FOUND => return Ok(Fetched::Missing),
             StatusCode::UNAUTHORIZED => FetchError::Unauthorized { code, message },
             StatusCode::FORBIDDEN => FetchError::Forbidden { code, message },
@@ -176,15 +188,15 @@ impl FeedClient {
         let origin = origin_of(&target);
         debug!(%minute, %origin, "downloading batch");
         let started = Instant::now();
-        let response = self
-            .download
-            .get(target)
-            .send()
-            .await
-            .map_err(|e| FetchError::Download {
-                origin: origin.clone(),
-                detail: e.without_url().to_string(),
-            })?;
+        let response =
+            self.download
+                .get(target)
+                .send()
+                .await
+                .map_err(|e| FetchError::Download {
+                    origin: origin.clone(),
+                    detail: e.without_url().to_string(),
+                })?;
         let status = response.status();
         if status != StatusCode::OK {
             // An expired or refused signed URL: asking the API again gives a fresh one.
@@ -269,7 +281,10 @@ async fn error_body(response: reqwest::Response) -> (String, String) {
     let bytes = response.bytes().await.unwrap_or_default();
     match serde_json::from_slice::<Body>(&bytes) {
         Ok(b) => (b.error.code, truncate(&b.error.message, 300)),
-        Err(_) => (String::new(), truncate(&String::from_utf8_lossy(&bytes), 300)),
+        Err(_) => (
+            String::new(),
+            truncate(&String::from_utf8_lossy(&bytes), 300),
+        ),
     }
 }
 
@@ -286,7 +301,9 @@ mod tests {
 
     #[test]
     fn origin_hides_path_and_token() {
-        let u = Url::parse("https://storage.example.com:8443/bucket/202611230900.bz2?token=SECRET&x=1").unwrap();
+        let u =
+            Url::parse("https://storage.example.com:8443/bucket/202611230900.bz2?token=SECRET&x=1")
+                .unwrap();
         assert_eq!(origin_of(&u), "https://storage.example.com:8443");
     }
 
@@ -295,7 +312,10 @@ mod tests {
         let mut h = header::HeaderMap::new();
         h.insert(header::RETRY_AFTER, "7".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
-        h.insert(header::RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        h.insert(
+            header::RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
         assert_eq!(retry_after(&h), None, "a date in the past means no wait");
         h.insert(header::RETRY_AFTER, "soon".parse().unwrap());
         assert_eq!(retry_after(&h), None);

@@ -267,7 +267,9 @@ mod tests {
     }
 
     fn line_with_id(id: &str) -> String {
-        format!(r#"{{"id": "{id}", "type": "file_behaviour", "attributes": {{"x": [1, {{"id": 2}}]}}}}"#)
+        format!(
+            r#"{{"id": "{id}", "type": "file_behaviour", "attributes": {{"x": [1, {{"id": 2}}]}}}}"#
+        )
     }
 
     #[test]
@@ -312,7 +314,11 @@ mod tests {
             String::new(),
             format!("{}g_Zenbox", &SHA[..63]),
         ] {
-            assert_eq!(classify(line_with_id(&id).as_bytes()), Verdict::Dead(DlqReason::BadId), "{id}");
+            assert_eq!(
+                classify(line_with_id(&id).as_bytes()),
+                Verdict::Dead(DlqReason::BadId),
+                "{id}"
+            );
         }
         for line in [
             r#"{"type": "file_behaviour"}"#.to_string(),
@@ -321,7 +327,11 @@ mod tests {
             format!(r#"{{"id": ["{SHA}_Zenbox"]}}"#),
             format!(r#"{{"id": "{SHA}_Zenbox", "id": "{SHA}_Zenbox"}}"#),
         ] {
-            assert_eq!(classify(line.as_bytes()), Verdict::Dead(DlqReason::BadId), "{line}");
+            assert_eq!(
+                classify(line.as_bytes()),
+                Verdict::Dead(DlqReason::BadId),
+                "{line}"
+            );
         }
     }
 
@@ -338,10 +348,17 @@ mod tests {
             "{}x",
             "not json",
         ] {
-            assert_eq!(classify(line.as_bytes()), Verdict::Dead(DlqReason::NotJsonObject), "{line}");
+            assert_eq!(
+                classify(line.as_bytes()),
+                Verdict::Dead(DlqReason::NotJsonObject),
+                "{line}"
+            );
         }
         let nested_only = format!(r#"{{"attributes": {{"id": "{SHA}_Zenbox"}}}}"#);
-        assert_eq!(classify(nested_only.as_bytes()), Verdict::Dead(DlqReason::BadId));
+        assert_eq!(
+            classify(nested_only.as_bytes()),
+            Verdict::Dead(DlqReason::BadId)
+        );
     }
 
     #[test]
@@ -378,12 +395,22 @@ mod tests {
             + HEADER_CONTENT_TYPE.len()
             + CONTENT_TYPE_JSON.len();
         let fits = limit - overhead;
-        let make = |len: usize| format!("{head}{}{tail}", "a".repeat(len - head.len() - tail.len()));
+        let make =
+            |len: usize| format!("{head}{}{tail}", "a".repeat(len - head.len() - tail.len()));
         let ok = make(fits);
-        assert!(matches!(c.classify(&Line::Whole { number: 1, bytes: ok.as_bytes() }), Verdict::Record(_)));
+        assert!(matches!(
+            c.classify(&Line::Whole {
+                number: 1,
+                bytes: ok.as_bytes()
+            }),
+            Verdict::Record(_)
+        ));
         let big = make(fits + 1);
         assert_eq!(
-            c.classify(&Line::Whole { number: 1, bytes: big.as_bytes() }),
+            c.classify(&Line::Whole {
+                number: 1,
+                bytes: big.as_bytes()
+            }),
             Verdict::Dead(DlqReason::TooLarge)
         );
         let oversize = Line::Oversize {
@@ -406,7 +433,11 @@ mod tests {
                 number: i as u64 + 1,
                 bytes: line.as_bytes(),
             });
-            assert!(matches!(v, Verdict::Record(_)), "fixture line {}: {v:?}", i + 1);
+            assert!(
+                matches!(v, Verdict::Record(_)),
+                "fixture line {}: {v:?}",
+                i + 1
+            );
             n += 1;
         }
         assert_eq!(n, 5);

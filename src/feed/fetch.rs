@@ -62,11 +62,14 @@ pub async fn fetch_with_retry(
             Err(e) => e,
         };
         attempt += 1;
-        metrics.fetch_retries.with_label_values(&[error.retry_cause()]).inc();
+        metrics
+            .fetch_retries
+            .with_label_values(&[error.retry_cause()])
+            .inc();
         metrics.batches.with_label_values(&["retried"]).inc();
         let backoff = delays.next().unwrap_or(policy.max);
         let delay = error.retry_after().map_or(backoff, |ra| ra.max(backoff));
-        if attempt % 10 == 0 {
+        if attempt.is_multiple_of(10) {
             error!(batch = %minute, attempt, error = %error, retry_in = ?delay, "batch still failing; retrying");
         } else {
             warn!(batch = %minute, attempt, error = %error, retry_in = ?delay, "batch fetch failed; retrying");
@@ -85,7 +88,12 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    pub fn new(client: Arc<FeedClient>, policy: RetryPolicy, metrics: FeedMetrics, depth: usize) -> Prefetcher {
+    pub fn new(
+        client: Arc<FeedClient>,
+        policy: RetryPolicy,
+        metrics: FeedMetrics,
+        depth: usize,
+    ) -> Prefetcher {
         Prefetcher {
             client,
             policy,
@@ -162,8 +170,14 @@ mod tests {
             max: Duration::from_secs(2),
         };
         let d: Vec<Duration> = p.delays().take(20).collect();
-        assert!(d[0] >= Duration::from_millis(100) && d[0] <= Duration::from_millis(200), "{d:?}");
-        assert!(d.iter().all(|x| *x <= Duration::from_secs(4)), "jitter at most doubles: {d:?}");
+        assert!(
+            d[0] >= Duration::from_millis(100) && d[0] <= Duration::from_millis(200),
+            "{d:?}"
+        );
+        assert!(
+            d.iter().all(|x| *x <= Duration::from_secs(4)),
+            "jitter at most doubles: {d:?}"
+        );
         assert!(d[19] >= Duration::from_secs(2), "reaches the cap: {d:?}");
     }
 }

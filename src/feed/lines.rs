@@ -64,7 +64,11 @@ impl LineSplitter {
     }
 
     /// Feeds the next chunk, handing every line it completes to `on_line`.
-    pub fn push<E>(&mut self, chunk: &[u8], mut on_line: impl FnMut(Line<'_>) -> Result<(), E>) -> Result<(), E> {
+    pub fn push<E>(
+        &mut self,
+        chunk: &[u8],
+        mut on_line: impl FnMut(Line<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut rest = chunk;
         while let Some(nl) = memchr::memchr(b'\n', rest) {
             let (part, after) = (&rest[..nl], &rest[nl + 1..]);
@@ -85,7 +89,10 @@ impl LineSplitter {
     }
 
     /// Ends the batch: a last line without a trailing `\n` is handed out too.
-    pub fn finish<E>(&mut self, mut on_line: impl FnMut(Line<'_>) -> Result<(), E>) -> Result<(), E> {
+    pub fn finish<E>(
+        &mut self,
+        mut on_line: impl FnMut(Line<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         if !self.carry.is_empty() || self.overflow.is_some() {
             self.line_number += 1;
             self.emit_carry(&mut on_line)?;
@@ -118,7 +125,10 @@ impl LineSplitter {
         });
     }
 
-    fn emit_carry<E>(&mut self, on_line: &mut impl FnMut(Line<'_>) -> Result<(), E>) -> Result<(), E> {
+    fn emit_carry<E>(
+        &mut self,
+        on_line: &mut impl FnMut(Line<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         let number = self.line_number;
         let result = match self.overflow.take() {
             None => on_line(Line::Whole {
@@ -147,7 +157,9 @@ mod tests {
         let mut out = Vec::new();
         let mut take = |l: Line<'_>| -> Result<(), ()> {
             match l {
-                Line::Whole { number, bytes } => out.push((number, bytes.to_vec(), bytes.len() as u64, true)),
+                Line::Whole { number, bytes } => {
+                    out.push((number, bytes.to_vec(), bytes.len() as u64, true))
+                }
                 Line::Oversize {
                     number,
                     size,
@@ -221,7 +233,8 @@ mod tests {
             .unwrap();
             assert!(s.carried_bytes() <= 1000, "carry grew past the limit");
         }
-        s.finish(|_| -> Result<(), ()> { panic!("no line left") }).unwrap();
+        s.finish(|_| -> Result<(), ()> { panic!("no line left") })
+            .unwrap();
         assert_eq!(seen, ["big", "short"]);
     }
 

@@ -143,7 +143,10 @@ mod tests {
     fn a_recorded_run_extends_its_gap() {
         let mut runs = MissingRuns::new(2);
         runs.on_missing(m(0));
-        assert!(matches!(runs.on_missing(m(1)), OnMissing::ThresholdReached(_)));
+        assert!(matches!(
+            runs.on_missing(m(1)),
+            OnMissing::ThresholdReached(_)
+        ));
         runs.mark_recorded();
         assert_eq!(runs.on_missing(m(2)), OnMissing::ExtendGap(m(2)));
         assert_eq!(runs.on_missing(m(3)), OnMissing::ExtendGap(m(3)));
@@ -155,6 +158,9 @@ mod tests {
     #[test]
     fn threshold_of_one_raises_on_the_first_miss() {
         let mut runs = MissingRuns::new(1);
-        assert_eq!(runs.on_missing(m(0)), OnMissing::ThresholdReached(MinuteRange::single(m(0))));
+        assert_eq!(
+            runs.on_missing(m(0)),
+            OnMissing::ThresholdReached(MinuteRange::single(m(0)))
+        );
     }
 }

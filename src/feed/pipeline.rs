@@ -36,8 +36,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use super::classify::{
-    CONTENT_TYPE_JSON, DlqReason, HEADER_BATCH, HEADER_CONTENT_TYPE, HEADER_ID, HEADER_LINE, HEADER_SANDBOX,
-    LineClassifier, RecordId, Verdict,
+    CONTENT_TYPE_JSON, DlqReason, HEADER_BATCH, HEADER_CONTENT_TYPE, HEADER_ID, HEADER_LINE,
+    HEADER_SANDBOX, LineClassifier, RecordId, Verdict,
 };
 use super::decode::{DecodeError, ParallelDecoder};
 use super::lines::{Line, LineSplitter};
@@ -67,7 +67,10 @@ pub enum Origin {
 pub enum Job {
     Batch(BatchJob),
     /// Only the state changes (a gap recorded, a position moved past missing minutes).
-    State { state: FeedState, why: &'static str },
+    State {
+        state: FeedState,
+        why: &'static str,
+    },
 }
 
 #[derive(Debug)]
@@ -289,8 +292,9 @@ impl Publisher {
                 let job = &o.job;
                 let stats = &mut o.stats;
                 let unserved = &mut o.unserved;
-                o.splitter
-                    .push(&chunk, |line| self.publish_line(job.minute, &line, stats, unserved))?;
+                o.splitter.push(&chunk, |line| {
+                    self.publish_line(job.minute, &line, stats, unserved)
+                })?;
                 o.publish_seconds += t.elapsed().as_secs_f64();
                 Ok(())
             }
@@ -301,15 +305,21 @@ impl Publisher {
                 let (stats, unserved) = (&mut o.stats, &mut o.unserved);
                 o.splitter
                     .finish(|line| self.publish_line(minute, &line, stats, unserved))?;
-                let stage = |name, seconds| observe_stage(&self.metrics.stage_seconds, name, seconds);
+                let stage =
+                    |name, seconds| observe_stage(&self.metrics.stage_seconds, name, seconds);
                 stage("download", o.job.download_seconds);
-                stage("decode", decoded_at.duration_since(o.decode_started).as_secs_f64());
+                stage(
+                    "decode",
+                    decoded_at.duration_since(o.decode_started).as_secs_f64(),
+                );
                 stage("publish", o.publish_seconds);
                 let commit_started = Instant::now();
                 self.commit(&o.job.state)?;
                 let commit_seconds = commit_started.elapsed().as_secs_f64();
                 stage("commit", commit_seconds);
-                let Some(o) = open.take() else { return Err(Halt::Quiet) };
+                let Some(o) = open.take() else {
+                    return Err(Halt::Quiet);
+                };
                 self.account(&o.stats, o.job.origin);
                 info!(
                     batch = %minute,
@@ -394,7 +404,9 @@ impl Publisher {
         let m = &self.metrics;
         m.records.inc_by(stats.records);
         for (reason, n) in &stats.dead_by_reason {
-            m.dlq_records.with_label_values(&[reason.as_str()]).inc_by(*n);
+            m.dlq_records
+                .with_label_values(&[reason.as_str()])
+                .inc_by(*n);
         }
         m.decoded_bytes.inc_by(stats.decoded_bytes);
         let outcome = match origin {
@@ -438,7 +450,13 @@ impl Publisher {
         Ok(())
     }
 
-    fn send_record(&self, minute: Minute, number: u64, value: &[u8], id: &RecordId<'_>) -> Result<(), Halt> {
+    fn send_record(
+        &self,
+        minute: Minute,
+        number: u64,
+        value: &[u8],
+        id: &RecordId<'_>,
+    ) -> Result<(), Halt> {
         let batch = minute.to_string();
         let line_no = number.to_string();
         let headers = OwnedHeaders::new_with_capacity(5)
@@ -455,9 +473,19 @@ impl Publisher {
         Ok(self.producer.send(record)?)
     }
 
-    fn send_dead_letter(&self, minute: Minute, line: &Line<'_>, reason: DlqReason) -> Result<(), Halt> {
+    fn send_dead_letter(
+        &self,
+        minute: Minute,
+        line: &Line<'_>,
+        reason: DlqReason,
+    ) -> Result<(), Halt> {
         let (number, size, digest, kept) = match *line {
-            Line::Whole { number, bytes } => (number, bytes.len() as u64, Sha256::digest(bytes).into(), bytes),
+            Line::Whole { number, bytes } => (
+                number,
+                bytes.len() as u64,
+                Sha256::digest(bytes).into(),
+                bytes,
+            ),
             Line::Oversize {
                 number,
                 size,
@@ -486,7 +514,10 @@ impl Publisher {
 }
 
 fn header<'a>(key: &'a str, value: &'a [u8]) -> Header<'a, &'a [u8]> {
-    Header { key, value: Some(value) }
+    Header {
+        key,
+        value: Some(value),
+    }
 }
 
 /// Why the publish thread stops.

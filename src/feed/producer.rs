@@ -86,7 +86,11 @@ pub struct FeedProducer {
 
 impl FeedProducer {
     /// Creates the producer; with transactions, fences older instances (blocking).
-    pub fn create(kafka: &KafkaConfig, feed: &FeedConfig, metrics: &FeedMetrics) -> Result<FeedProducer, KafkaError> {
+    pub fn create(
+        kafka: &KafkaConfig,
+        feed: &FeedConfig,
+        metrics: &FeedMetrics,
+    ) -> Result<FeedProducer, KafkaError> {
         let mut defaults: Vec<(&str, String)> = vec![
             ("partitioner", "murmur2_random".into()),
             ("acks", "all".into()),
@@ -100,7 +104,10 @@ impl FeedProducer {
         ];
         if feed.delivery == Delivery::ExactlyOnce {
             defaults.push(("transactional.id", feed.transactional_id.clone()));
-            defaults.push(("transaction.timeout.ms", feed.transaction_timeout.as_millis().to_string()));
+            defaults.push((
+                "transaction.timeout.ms",
+                feed.transaction_timeout.as_millis().to_string(),
+            ));
         }
         let context = FeedProducerContext {
             delivery_errors: AtomicU64::new(0),

@@ -176,7 +176,11 @@ mod tests {
         assert!(s.is_on_disk(), "memory cap not enforced");
         assert_eq!(s.len(), data.len() as u64);
         assert_eq!(read_all(&s), data);
-        assert_eq!(read_all(&s), data, "a second read starts from the beginning");
+        assert_eq!(
+            read_all(&s),
+            data,
+            "a second read starts from the beginning"
+        );
     }
 
     #[test]

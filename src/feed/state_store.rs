@@ -21,9 +21,13 @@ pub enum StateLoadError {
     Kafka { topic: String, source: KafkaError },
     #[error("state topic {0} does not exist")]
     NoTopic(String),
-    #[error("state topic {topic} did not reach its end within {seconds} s (is a transaction stuck open?)")]
+    #[error(
+        "state topic {topic} did not reach its end within {seconds} s (is a transaction stuck open?)"
+    )]
     Timeout { topic: String, seconds: u64 },
-    #[error("the saved position in {topic} (partition {partition}, offset {offset}) is unreadable: {source}")]
+    #[error(
+        "the saved position in {topic} (partition {partition}, offset {offset}) is unreadable: {source}"
+    )]
     Corrupt {
         topic: String,
         partition: i32,
@@ -49,7 +53,9 @@ pub fn load_state(
         .set("enable.partition.eof", "false")
         .set("group.id", format!("sandbox-bridge-state-reader-{key}"));
     let consumer: BaseConsumer = config.create().map_err(kafka)?;
-    let md = consumer.fetch_metadata(Some(topic), timeout).map_err(kafka)?;
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(kafka)?;
     let partitions: Vec<i32> = md
         .topics()
         .iter()
@@ -66,7 +72,9 @@ pub fn load_state(
     let mut ends = HashMap::new();
     let mut assignment = TopicPartitionList::new();
     for p in &partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout).map_err(kafka)?;
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *p, timeout)
+            .map_err(kafka)?;
         if high > low {
             ends.insert(*p, high);
             assignment
@@ -93,10 +101,16 @@ pub fn load_state(
             let msg = result.map_err(kafka)?;
             if msg.key() == Some(key.as_bytes()) {
                 // One key lives in one partition, so offsets order its values.
-                let newer = newest_offsets.get(&msg.partition()).is_none_or(|o| msg.offset() > *o);
+                let newer = newest_offsets
+                    .get(&msg.partition())
+                    .is_none_or(|o| msg.offset() > *o);
                 if newer {
                     newest_offsets.insert(msg.partition(), msg.offset());
-                    newest = Some((msg.partition(), msg.offset(), msg.payload().map(<[u8]>::to_vec)));
+                    newest = Some((
+                        msg.partition(),
+                        msg.offset(),
+                        msg.payload().map(<[u8]>::to_vec),
+                    ));
                 }
             }
         }

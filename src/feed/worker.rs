@@ -120,21 +120,30 @@ impl FeedWorker {
             TopicSpec {
                 name: f.topic.clone(),
                 partitions: f.partitions,
-                config: vec![("cleanup.policy", "delete".into()), ("max.message.bytes", max_bytes.clone())],
+                config: vec![
+                    ("cleanup.policy", "delete".into()),
+                    ("max.message.bytes", max_bytes.clone()),
+                ],
                 must_not_compact: true,
                 expect_compacted: false,
             },
             TopicSpec {
                 name: f.dlq_topic.clone(),
                 partitions: f.partitions,
-                config: vec![("cleanup.policy", "delete".into()), ("max.message.bytes", max_bytes)],
+                config: vec![
+                    ("cleanup.policy", "delete".into()),
+                    ("max.message.bytes", max_bytes),
+                ],
                 must_not_compact: true,
                 expect_compacted: false,
             },
             TopicSpec {
                 name: f.state_topic.clone(),
                 partitions: 1,
-                config: vec![("cleanup.policy", "compact".into()), ("min.cleanable.dirty.ratio", "0.1".into())],
+                config: vec![
+                    ("cleanup.policy", "compact".into()),
+                    ("min.cleanable.dirty.ratio", "0.1".into()),
+                ],
                 must_not_compact: false,
                 expect_compacted: true,
             },
@@ -153,7 +162,10 @@ impl FeedWorker {
             let progress = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let outcome = match ensure_topics(&self.config.kafka, &self.topic_specs()).await {
                 Err(e) => Err(Stop::Error(e.into())),
-                Ok(()) => self.incarnation(client.clone(), &shutdown, progress.clone()).await,
+                Ok(()) => {
+                    self.incarnation(client.clone(), &shutdown, progress.clone())
+                        .await
+                }
             };
             let error = match outcome {
                 Ok(()) | Err(Stop::Shutdown) => return Ok(()),
@@ -164,7 +176,8 @@ impl FeedWorker {
                 delays = retry.delays();
             }
             let delay = delays.next().unwrap_or(retry.max);
-            self.readiness.set_unready("feed", format!("restarting after: {error}"));
+            self.readiness
+                .set_unready("feed", format!("restarting after: {error}"));
             self.metrics.pipeline_restarts.inc();
             warn!(error = %error, retry_in = ?delay, "feed pipeline failed; restarting from the last committed position");
             tokio::select! {
@@ -180,12 +193,22 @@ impl FeedWorker {
         shutdown: &CancellationToken,
         progress: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<(), Stop> {
-        let (kafka, feed, metrics) = (self.config.kafka.clone(), self.feed().clone(), self.metrics.clone());
+        let (kafka, feed, metrics) = (
+            self.config.kafka.clone(),
+            self.feed().clone(),
+            self.metrics.clone(),
+        );
         let producer = blocking(move || FeedProducer::create(&kafka, &feed, &metrics)).await?;
         let producer = Arc::new(producer);
         let (config, f) = (client_config(&self.config.kafka, &[]), self.feed().clone());
-        let timeout = self.config.kafka.operation_timeout.max(Duration::from_secs(60));
-        let saved = blocking(move || load_state(config, &f.state_topic, &f.transactional_id, timeout)).await?;
+        let timeout = self
+            .config
+            .kafka
+            .operation_timeout
+            .max(Duration::from_secs(60));
+        let saved =
+            blocking(move || load_state(config, &f.state_topic, &f.transactional_id, timeout))
+                .await?;
         let state = match saved {
             Some(s) => {
                 info!(next = %s.next, gaps = s.gaps.len(), "resuming from the saved position");
@@ -312,7 +335,8 @@ impl Events {
             }
             Some(Report::Committed { state, .. }) => {
                 self.committed = state;
-                self.progress.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.progress
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 self.publish_gauges();
                 Ok(())
             }
@@ -334,7 +358,8 @@ impl Events {
 }
 
 fn unix_seconds(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Decides, minute by minute, what the pipeline publishes.
@@ -407,7 +432,9 @@ impl Walker {
                         .with_label_values(&["not_available_yet"])
                         .inc();
                     info!(batch = %minute, retry_in = ?not_available_delay, "batch not available yet; waiting");
-                    self.events.wait(tokio::time::sleep(not_available_delay)).await?;
+                    self.events
+                        .wait(tokio::time::sleep(not_available_delay))
+                        .await?;
                     not_available_delay = (not_available_delay * 2).min(Duration::from_secs(60));
                 }
                 Fetched::Missing => self.on_missing(minute).await?,
@@ -438,7 +465,9 @@ impl Walker {
 
     fn update_run_gauges(&self) {
         self.metrics.missing_run_minutes.set(self.runs.run_len());
-        self.metrics.missing_run_alert.set(i64::from(self.runs.raised()));
+        self.metrics
+            .missing_run_alert
+            .set(i64::from(self.runs.raised()));
     }
 
     /// Skips forward when the position falls out of the 7-day window; expires old gaps.
@@ -479,7 +508,8 @@ impl Walker {
             }
             OnMissing::ExtendGap(m) => {
                 warn!(batch = %m, run = ?self.runs.run(), "still missing (404); added to the recorded gap");
-                self.planned.add_gap(MinuteRange::single(m), GapReason::MissingRun);
+                self.planned
+                    .add_gap(MinuteRange::single(m), GapReason::MissingRun);
                 self.planned.next = m.next();
                 self.send_state("gap extended").await
             }
@@ -506,7 +536,9 @@ impl Walker {
         let mut delay = self.cfg.missing_recheck_backoff;
         loop {
             if deadline.is_some_and(|d| Instant::now() + delay > d) {
-                let left = deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(Instant::now()));
+                let left = deadline.map_or(Duration::ZERO, |d| {
+                    d.saturating_duration_since(Instant::now())
+                });
                 if left.is_zero() {
                     return self.record_gap(run).await;
                 }
@@ -528,7 +560,11 @@ impl Walker {
                 }
             }
             info!(run = %run, retry_in = ?delay, "missing run re-checked: still missing");
-            delay = (delay * 2).min(self.cfg.retry_max_backoff.max(self.cfg.missing_recheck_backoff));
+            delay = (delay * 2).min(
+                self.cfg
+                    .retry_max_backoff
+                    .max(self.cfg.missing_recheck_backoff),
+            );
         }
     }
 
@@ -569,7 +605,11 @@ impl Walker {
 
     /// Asks again for every gap minute still inside the window; publishes any that appeared.
     async fn recheck_gaps(&mut self, window: FeedWindow) -> Result<(), Stop> {
-        let minutes: Vec<Minute> = self.planned.gap_minutes().filter(|m| window.contains(*m)).collect();
+        let minutes: Vec<Minute> = self
+            .planned
+            .gap_minutes()
+            .filter(|m| window.contains(*m))
+            .collect();
         if minutes.is_empty() {
             return Ok(());
         }
