@@ -432,3 +432,108 @@ async fn a_position_older_than_seven_days_skips_forward_and_records_the_loss() {
     assert_eq!(state.lost[0].reason, GapReason::WindowExpired);
     assert!(state.next > too_old.plus(30));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_worker_with_the_same_id_fences_the_first() {
+    let batches = BatchSettings::exact(19, 3);
+    let s = setup("fence", sim_settings(batches.clone()), 3).await;
+    let first = s.worker("");
+    first.wait_committed_through(s.newest).await;
+
+    let second = s.worker("");
+    second.wait_committed_through(s.newest).await;
+    // Both try to publish the next minute; only the newer may.
+    s.clock.advance(Duration::from_secs(60));
+    let result = tokio::time::timeout(Duration::from_secs(60), first.handle)
+        .await
+        .expect("the fenced worker stops by itself")
+        .unwrap();
+    let e = result.expect_err("the older worker must stop");
+    assert!(matches!(e, FeedError::Fenced(_)), "{e}");
+    assert!(e.to_string().contains("fenced"), "{e}");
+
+    second.wait_committed_through(s.newest.plus(1)).await;
+    s.clock.advance(Duration::from_secs(60));
+    second.wait_committed_through(s.newest.plus(2)).await;
+    second.stop().await.unwrap();
+    assert_topic_holds(&s, &batches, minutes(s.start, s.newest.plus(2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_mode_publishes_everything_and_saves_its_position() {
+    let batches = BatchSettings::exact(20, 4);
+    let s = setup("alo", sim_settings(batches.clone()), 5).await;
+    let w = s.worker("delivery = \"at-least-once\"");
+    w.wait_committed_through(s.newest).await;
+    w.stop().await.unwrap();
+    assert_topic_holds(&s, &batches, minutes(s.start, s.newest));
+    assert_eq!(
+        saved_state(&bootstrap(), &s.names).unwrap().next,
+        s.newest.next()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_caps_hold_with_everything_spooled_to_disk() {
+    // Every download goes to disk, lines larger than the limit stream through
+    // the splitter's cap, and the result is still exact.
+    let newest = newest_at(test_now());
+    let mut batches = BatchSettings::exact(24, 30);
+    batches.bad_lines = MinuteSet::minute(newest.plus(-1));
+    batches.multi_stream = MinuteSet::minute(newest);
+    batches.oversize_line_bytes = 600 * 1024;
+    let s = setup("caps", sim_settings(batches.clone()), 3).await;
+    let w = s.worker("spool_memory_bytes = 0\nmax_message_bytes = 131072\ndecode_threads = 2");
+    w.wait_committed_through(s.newest).await;
+    w.stop().await.unwrap();
+    let want = expected(&batches, minutes(s.start, s.newest));
+    let got = read_all(&bootstrap(), &s.names.topic);
+    // Valid records over the 128 KiB limit are dead letters here, the rest published.
+    let fits: Vec<_> = want
+        .records
+        .iter()
+        .filter(|r| r.1.len() < 120_000)
+        .cloned()
+        .collect();
+    let published = actual_records(&got);
+    assert!(published.len() >= fits.len() && published.len() <= want.records.len());
+    for r in &fits {
+        assert!(published.contains(r), "record {} missing", r.2);
+    }
+    let dead = read_all(&bootstrap(), &s.names.dlq);
+    assert_eq!(
+        published.len() + dead.len(),
+        want.records.len() + want.dead.len(),
+        "every line accounted for"
+    );
+    for d in &dead {
+        assert!(
+            d.value.len() <= 131_072 - 512,
+            "dead letter cut to the limit"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_feed_topic_is_refused() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let s = setup("compacted", sim_settings(BatchSettings::exact(25, 1)), 2).await;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let topic = NewTopic::new(&s.names.topic, 1, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "compact");
+    admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .unwrap();
+    let w = s.worker("");
+    let result = tokio::time::timeout(Duration::from_secs(60), w.handle)
+        .await
+        .unwrap()
+        .unwrap();
+    let e = result.expect_err("a compacted feed topic must be refused");
+    assert!(e.to_string().contains("cleanup.policy=compact"), "{e}");
+}

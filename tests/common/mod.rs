@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sandbox_bridge::clock::SharedClock;
 use sandbox_bridge::config::Config;
 use sandbox_bridge::feed::state::FeedState;
-use sandbox_bridge::feed::state_store::load_state;
+use sandbox_bridge::feed::state_store::{StateLoadError, load_state};
 use sandbox_bridge::feed::{FeedError, FeedWorker};
 use sandbox_bridge::metrics::Metrics;
 use sandbox_bridge::minute::{FeedWindow, Minute};
@@ -96,6 +96,7 @@ pub struct RunningWorker {
 }
 
 pub fn spawn_worker(config: Config, clock: SharedClock) -> RunningWorker {
+    init_logs();
     let metrics = Metrics::new();
     let worker = FeedWorker::new(Arc::new(config), clock, metrics.feed.clone());
     let shutdown = CancellationToken::new();
@@ -148,7 +149,10 @@ pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
 pub fn saved_state(bootstrap: &str, names: &Names) -> Option<FeedState> {
     let mut c = rdkafka::ClientConfig::new();
     c.set("bootstrap.servers", bootstrap);
-    load_state(c, &names.state, &names.txid, Duration::from_secs(30)).expect("state topic readable")
+    match load_state(c, &names.state, &names.txid, Duration::from_secs(30)) {
+        Err(StateLoadError::NoTopic(_)) => None,
+        other => other.expect("state topic readable"),
+    }
 }
 
 /// What the feed topic and DLQ must hold after publishing `minutes`.
@@ -234,4 +238,14 @@ pub fn test_now() -> SystemTime {
 
 pub fn newest_at(now: SystemTime) -> Minute {
     FeedWindow::at(now, 0).newest
+}
+
+/// Test logs: `RUST_LOG` (default warn), captured per test.
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
