@@ -19,6 +19,7 @@ use sandbox_bridge::sim::vt::{BatchSettings, LineKind, batch_lines};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+#[allow(unused_imports)]
 pub use kafka::{Record, bootstrap, read_all, unique};
 
 pub const API_KEY: &str = "test-api-key-0123456789";
