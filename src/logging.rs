@@ -6,6 +6,8 @@
 //! wrapped in types that print `[redacted]`, and download URLs are logged
 //! by origin only.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -19,6 +21,7 @@ pub fn init(cfg: &LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(true);
     let _ = match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
