@@ -74,17 +74,21 @@ pub fn main() -> ExitCode {
         spawn_signal_handler(shutdown.clone());
         match cli.command {
             Command::Feed(args) => run_feed(args, shutdown).await,
-            Command::Simulate(args) => match crate::sim::run(args, shutdown).await {
-                Ok(()) => Exit::Ok,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    Exit::Failed
+            Command::Simulate(args) => {
+                crate::logging::init(&crate::config::LogConfig::default());
+                match crate::sim::run(args, shutdown).await {
+                    Ok(()) => Exit::Ok,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        Exit::Failed
+                    }
                 }
-            },
+            }
         }
     });
-    // Background tasks (HTTP server, fetches) are not waited for.
-    runtime.shutdown_timeout(Duration::from_secs(1));
+    // Everything that must finish (the producer's flush) has finished; idle
+    // background tasks (HTTP server, fetches) are not waited for.
+    runtime.shutdown_background();
     ExitCode::from(code as u8)
 }
 

@@ -130,6 +130,15 @@ pub struct LogConfig {
     pub level: String,
 }
 
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+        }
+    }
+}
+
 /// Where secrets not present in the file come from (the process environment in production).
 pub trait Environment {
     fn var(&self, name: &str) -> Option<String>;
