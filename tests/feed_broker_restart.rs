@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::kafka::Broker;
+use common::kafka::{Broker, BrokerGuard};
 use common::*;
 use sandbox_bridge::clock::ManualClock;
 use sandbox_bridge::sim::vt::{BatchSettings, FeedSimSettings, FeedSimulator};
@@ -29,6 +29,7 @@ fn free_port_pair() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_feed_loses_and_duplicates_nothing() {
     let broker = Broker::start(&unique("restart"), free_port_pair());
+    let _guard = BrokerGuard(broker.clone());
     let batches = BatchSettings::exact(31, 40);
     let now = test_now();
     let clock = ManualClock::new(now);
@@ -68,5 +69,4 @@ async fn a_broker_restart_mid_feed_loses_and_duplicates_nothing() {
         "duplicates or losses across the restart"
     );
     assert_eq!(actual_records(&got), want.records);
-    broker.clean();
 }

@@ -90,6 +90,14 @@ impl Proc {
     }
 }
 
+impl Drop for Proc {
+    /// A failed test must not leave a worker running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("feed.toml");
     std::fs::write(&path, text).unwrap();

@@ -14,7 +14,7 @@ use std::time::Duration;
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, PurgeConfig};
 use tracing::{error, warn};
 
 use crate::config::{Delivery, FeedConfig, KafkaConfig};
@@ -56,14 +56,21 @@ pub enum KafkaFailure {
     Retryable,
 }
 
-pub fn classify_kafka_error(e: &KafkaError) -> KafkaFailure {
-    let code = e.rdkafka_error_code();
-    if matches!(
+fn is_fencing(code: RDKafkaErrorCode) -> bool {
+    matches!(
         code,
-        Some(RDKafkaErrorCode::Fenced)
-            | Some(RDKafkaErrorCode::ProducerFenced)
-            | Some(RDKafkaErrorCode::InvalidProducerEpoch)
-    ) {
+        RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+    )
+}
+
+/// Classifies an error returned by a call; `fatal_cause` is the producer's
+/// underlying fatal error, if any (a call on a failed producer returns only
+/// a generic "fatal" code).
+pub fn classify_kafka_error(e: &KafkaError, fatal_cause: Option<RDKafkaErrorCode>) -> KafkaFailure {
+    let code = e.rdkafka_error_code();
+    if code.is_some_and(is_fencing) || fatal_cause.is_some_and(is_fencing) {
         return KafkaFailure::Fenced;
     }
     if let KafkaError::Transaction(t) = e {
@@ -123,6 +130,11 @@ impl FeedProducer {
         })
     }
 
+    /// The error that made the producer unusable, if one did.
+    pub fn fatal_cause(&self) -> Option<RDKafkaErrorCode> {
+        self.inner.client().fatal_error().map(|(code, _)| code)
+    }
+
     pub fn delivery_errors(&self) -> u64 {
         self.inner.context().delivery_errors.load(Ordering::Relaxed)
     }
@@ -176,6 +188,11 @@ impl FeedProducer {
         if self.delivery != Delivery::ExactlyOnce {
             return;
         }
+        // abort_transaction waits until every outstanding record is purged or
+        // delivered, which takes serving their delivery reports; nothing else
+        // polls this producer, so purge and drain first.
+        self.inner.purge(PurgeConfig::default().queue().inflight());
+        let _ = self.flush(timeout);
         if let Err(e) = self.inner.abort_transaction(timeout) {
             error!(error = %e, "could not abort the Kafka transaction; it is aborted when the worker restarts");
         }

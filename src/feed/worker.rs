@@ -230,7 +230,9 @@ impl FeedWorker {
             state_key: self.feed().transactional_id.clone(),
             max_message_bytes: self.feed().max_message_bytes,
             decode_threads: self.feed().decode_threads,
-            commit_timeout: self.feed().transaction_timeout,
+            // A commit that cannot finish in a minute is failed; the restart
+            // re-reads the state topic, which tells whether it landed.
+            commit_timeout: self.feed().transaction_timeout.min(Duration::from_secs(60)),
         };
         let (pipeline, reports) = Pipeline::start(settings, producer.clone(), self.metrics.clone());
         let mut walker = Walker {
@@ -266,24 +268,25 @@ impl FeedWorker {
         let result = walker.run().await;
         drop(walker);
         let flush_timeout = self.feed().transaction_timeout.min(Duration::from_secs(30));
-        blocking(move || {
+        let fatal_cause = blocking(move || {
             pipeline.stop();
-            let _ = producer.flush(flush_timeout);
-            Ok::<(), FeedError>(())
+            let fatal_cause = producer.fatal_cause();
+            if fatal_cause.is_none() {
+                // Dropping a producer discards what it still holds: flush first.
+                let _ = producer.flush(flush_timeout);
+            }
+            Ok::<_, FeedError>(fatal_cause)
         })
         .await?;
         match result {
-            Err(Stop::Error(FeedError::Pipeline(PipelineError::Kafka(e)))) => {
-                Err(Stop::Error(self.kafka_failure(e)))
+            Err(Stop::Error(FeedError::Pipeline(PipelineError::Kafka(e))))
+                if classify_kafka_error(&e, fatal_cause) == KafkaFailure::Fenced =>
+            {
+                Err(Stop::Error(FeedError::Fenced(
+                    self.feed().transactional_id.clone(),
+                )))
             }
             other => other,
-        }
-    }
-
-    fn kafka_failure(&self, e: rdkafka::error::KafkaError) -> FeedError {
-        match classify_kafka_error(&e) {
-            KafkaFailure::Fenced => FeedError::Fenced(self.feed().transactional_id.clone()),
-            _ => FeedError::Pipeline(PipelineError::Kafka(e)),
         }
     }
 }
@@ -298,6 +301,9 @@ async fn blocking<T: Send + 'static, E: Into<FeedError> + Send + 'static>(
     }
 }
 
+/// How often the lag gauges are recomputed while the worker waits.
+const GAUGE_REFRESH: Duration = Duration::from_secs(5);
+
 /// Pipeline reports, shutdown, and the gauges derived from committed state.
 struct Events {
     shutdown: CancellationToken,
@@ -311,14 +317,18 @@ struct Events {
 
 impl Events {
     /// Awaits `fut` while handling pipeline reports; stops on shutdown or a pipeline failure.
+    /// The lag gauges are refreshed while waiting too, so a stalled worker shows its growing lag.
     async fn wait<F: Future>(&mut self, fut: F) -> Result<F::Output, Stop> {
         tokio::pin!(fut);
+        let mut refresh = tokio::time::interval(GAUGE_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Err(Stop::Shutdown),
                 report = self.reports.recv() => self.on_report(report)?,
                 out = &mut fut => return Ok(out),
+                _ = refresh.tick() => self.publish_gauges(),
             }
         }
     }

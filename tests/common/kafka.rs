@@ -56,6 +56,7 @@ pub fn bootstrap() -> String {
 }
 
 /// A broker started through scripts/kafka.sh (for tests that stop or restart one).
+#[derive(Clone)]
 pub struct Broker {
     pub name: String,
     pub port: u16,
@@ -102,6 +103,18 @@ impl Broker {
 
     pub fn clean(&self) {
         self.script("clean");
+    }
+}
+
+/// Removes a test's own broker when the test ends, passed or failed.
+pub struct BrokerGuard(pub Broker);
+
+impl Drop for BrokerGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo_root().join("scripts/kafka.sh"))
+            .args(["clean", "--name", &self.0.name])
+            .output();
     }
 }
 
