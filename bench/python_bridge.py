@@ -120,7 +120,17 @@ def load_position(bootstrap, state_topic, key):
     })
     try:
         tp = TopicPartition(state_topic, 0, 0)
-        low, high = consumer.get_watermark_offsets(tp, timeout=30)
+        for attempt in range(150):
+            try:
+                low, high = consumer.get_watermark_offsets(tp, timeout=30)
+                break
+            except KafkaException as e:
+                # A topic created a moment ago may not have a leader yet.
+                starting = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                            KafkaError.UNKNOWN_TOPIC_OR_PART)
+                if e.args[0].code() not in starting or attempt == 149:
+                    raise
+                time.sleep(0.2)
         if high <= low:
             return None
         tp.offset = low

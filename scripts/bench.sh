@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The benchmark: sandbox-bridge end to end (simulator -> worker -> Kafka,
+# exactly-once) against `lbzip2 -dc -n 2` (decode only) and a straightforward
+# Python bridge (bench/python_bridge.py), on the same simulated minutes; then
+# sandbox-bridge's peak RSS on one minute that decodes to about 1 GB.
+#
+#   scripts/bench.sh [--minutes N] [--seed S] [--skip-python] [--skip-rss] ...
+#   scripts/bench.sh --help          (every option; see also bench/README.md)
+#
+# Self-contained: installs missing Debian packages (scripts/setup.sh), a
+# Python venv with bench/requirements.txt under $CACHE/bench-venv, builds the
+# release binary, starts its own Kafka broker under a unique name on free
+# ports and deletes it (topics included) on exit, even on Ctrl-C. Batches are
+# cached in $CACHE/bench-batches; logs and results.json go to
+# /tmp/sandbox-bridge-bench/<run>/. ($CACHE = ${SANDBOX_BRIDGE_CACHE:-~/.cache/sandbox-bridge})
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cache=${SANDBOX_BRIDGE_CACHE:-$HOME/.cache/sandbox-bridge}
+venv=$cache/bench-venv
+
+say() { printf '[bench.sh] %s\n' "$*" >&2; }
+
+ensure_venv() {
+  local stamp=$venv/.requirements.sha256 want
+  want=$(sha256sum bench/requirements.txt | cut -d' ' -f1)
+  if [[ -x $venv/bin/python && -f $stamp && $(cat "$stamp") == "$want" ]]; then
+    return
+  fi
+  if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    say "installing python3-venv"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  fi
+  say "creating the Python venv in $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r bench/requirements.txt
+  echo "$want" >"$stamp"
+}
+
+# A port P with P and P+1 (the controller) both free.
+free_port_pair() {
+  local p
+  for _ in $(seq 1 100); do
+    p=$((20000 + RANDOM % 30000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null &&
+      ! (exec 3<>"/dev/tcp/127.0.0.1/$((p + 1))") 2>/dev/null; then
+      echo "$p"
+      return
+    fi
+  done
+  return 1
+}
+
+for a in "$@"; do
+  if [[ $a == -h || $a == --help ]]; then
+    exec python3 bench/bench.py --help
+  fi
+done
+
+SECONDS=0
+scripts/setup.sh
+if [[ ! -x /usr/bin/time ]]; then
+  say "installing GNU time (for peak RSS)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq time >/dev/null
+fi
+ensure_venv
+# The decoder may be edited while we build: hash it around the build and
+# build again until both hashes agree, so the report names what was measured.
+decode_sha() { sha256sum src/feed/decode.rs | cut -c1-12; }
+for attempt in 1 2 3; do
+  before=$(decode_sha)
+  say "building sandbox-bridge (release; src/feed/decode.rs $before)"
+  cargo build --release --quiet
+  [[ $(decode_sha) == "$before" ]] && break
+  say "src/feed/decode.rs changed during the build; building again"
+done
+export BENCH_BUILT_DECODE_RS_SHA=$before
+scripts/kafka.sh fetch >&2
+
+name="bench-$(date +%s)-$$"
+port=$(free_port_pair)
+cleanup() {
+  say "deleting broker $name"
+  scripts/kafka.sh clean --name "$name" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+say "starting Kafka broker $name on 127.0.0.1:$port"
+bootstrap=$(scripts/kafka.sh start --name "$name" --port "$port" | tail -n 1)
+
+status=0
+broker_pid=$(scripts/kafka.sh status --name "$name" | grep -o 'pid=[0-9]*' | cut -d= -f2)
+"$venv/bin/python" bench/bench.py --bootstrap "$bootstrap" --broker-pid "${broker_pid:-0}" \
+  --bin target/release/sandbox-bridge "$@" || status=$?
+say "done in $((SECONDS / 60)) min $((SECONDS % 60)) s (exit $status)"
+exit "$status"
