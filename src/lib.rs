@@ -13,4 +13,5 @@ pub mod kafka;
 pub mod logging;
 pub mod metrics;
 pub mod minute;
+pub mod rescan;
 pub mod sim;

@@ -8,12 +8,19 @@
 //! 48-bit block and end-of-stream magics (which sit at arbitrary bit offsets),
 //! cuts out each block and re-frames it as a standalone single-block stream
 //! ("BZh" + level, the block's bits re-aligned, end-of-stream magic, combined
-//! CRC = block CRC). Worker threads decode those pieces with
-//! [`bzip2::Decompress`], which checks each block's CRC; the calling thread
-//! checks each stream's combined CRC. A magic can occur by chance inside
+//! CRC = block CRC). Worker threads decode those pieces with the block decoder
+//! of [`super::bzblock`] (about 1.5x libbz2's speed), which checks each block's
+//! CRC; the calling thread checks each stream's combined CRC. A magic can occur by chance inside
 //! compressed data: candidates are filtered (origPtr must be in range), and a
 //! piece that fails to decode is merged with the following piece and retried
 //! before the data is declared corrupt.
+//!
+//! Fallback: a piece the fast decoder rejects for any reason (bad data, CRC
+//! mismatch, an unsupported randomised block, or a bug) is decoded again with
+//! [`bzip2::Decompress`] (libbz2), and only if that fails too is it treated as
+//! a false cut or corruption. So the fast decoder can cost time, never output;
+//! [`DecodeStats::fallback_blocks`] counts the blocks libbz2 had to decode
+//! (0 on healthy data).
 //!
 //! Order: the splitter sends, in file order, one one-shot result channel per
 //! piece over a bounded "order" channel; the calling thread takes them in that
@@ -25,8 +32,10 @@
 //! false block boundary), each at most one compressed block (<= ~1 MB for real
 //! encoders, hard cap [`max_block_bytes`]) plus its decoded block (~0.9 MB
 //! typical; up to ~46 MB for level 9 blocks of long runs, because of bzip2's
-//! initial run-length coding). Add one libbz2 decoder state per worker (~3.6 MB
-//! at level 9) and the read buffer (the current partial block + 512 KiB).
+//! initial run-length coding). Add one fast block decoder per decoding thread
+//! (5 MiB of arrays, thread-local, of which only the level's block size is ever
+//! touched), a libbz2 state (~3.6 MB at level 9) only while falling back, and
+//! the read buffer (the current partial block + 512 KiB).
 //! So memory is independent of the file size. [`DecodeStats`] reports the
 //! observed peaks.
 //!
@@ -35,12 +44,15 @@
 //! decoding for seconds), so spawn cost (~tens of µs) is irrelevant, and scoped
 //! threads guarantee that no thread outlives the call, also on errors.
 
+use std::cell::RefCell;
 use std::io::{self, Read};
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use bzip2::{Decompress, Status};
 use crossbeam_channel::{Receiver, Sender};
+
+use super::bzblock::BlockDecoder;
 
 /// Starts every block (BCD of pi).
 const BLOCK_MAGIC: u64 = 0x3141_5926_5359;
@@ -76,6 +88,9 @@ pub struct DecodeStats {
     pub peak_pieces_in_flight: usize,
     /// Largest capacity of the compressed read buffer, in bytes.
     pub peak_read_buffer: usize,
+    /// Blocks the fast block decoder rejected and libbz2 decoded (see the module
+    /// doc); 0 on healthy data, so anything else is worth a look.
+    pub fallback_blocks: u64,
 }
 
 /// Why decoding failed.
@@ -274,9 +289,36 @@ impl Piece {
         )
     }
 
-    /// Decodes the piece; Err if libbz2 rejects it (bad data or block CRC) or
-    /// it does not end exactly at its end-of-stream marker.
-    fn decode(&self) -> Result<Vec<u8>, ()> {
+    /// Decodes the piece with the fast block decoder or, if that rejects it,
+    /// with libbz2; `Failed` if both do.
+    fn decode(self) -> Decoded {
+        thread_local! {
+            /// Work arrays reused for every block this thread decodes.
+            static FAST: RefCell<BlockDecoder> = RefCell::new(BlockDecoder::new());
+        }
+        let mut out = Vec::new();
+        let bits = 32..32 + self.nbits;
+        let fast = FAST.with_borrow_mut(|d| d.decode(&self.framed, bits, self.level, &mut out));
+        if fast.is_ok_and(|block| block.crc == self.crc) {
+            return Decoded::Ok {
+                crc: self.crc,
+                out,
+                fallback: false,
+            };
+        }
+        match self.decode_libbz2() {
+            Ok(out) => Decoded::Ok {
+                crc: self.crc,
+                out,
+                fallback: true,
+            },
+            Err(()) => Decoded::Failed(self),
+        }
+    }
+
+    /// Decodes the piece with libbz2; Err if it rejects it (bad data or block
+    /// CRC) or it does not end exactly at its end-of-stream marker.
+    fn decode_libbz2(&self) -> Result<Vec<u8>, ()> {
         let mut d = Decompress::new(false);
         let mut out = Vec::with_capacity(usize::from(self.level) * 110_000);
         let mut input = &self.framed[..];
@@ -510,9 +552,13 @@ enum Item {
 
 /// A worker's answer for one piece; a failed piece is handed back for merging.
 enum Decoded {
-    /// Decoded bytes of a block with this CRC.
-    Ok { crc: u32, out: Vec<u8> },
-    /// libbz2 rejected the piece.
+    /// Decoded bytes of a block with this CRC; `fallback` if libbz2 decoded it.
+    Ok {
+        crc: u32,
+        out: Vec<u8>,
+        fallback: bool,
+    },
+    /// Both decoders rejected the piece.
     Failed(Piece),
 }
 
@@ -578,14 +624,7 @@ impl ParallelDecoder {
                             if stop.load(Relaxed) {
                                 continue;
                             }
-                            let d = match piece.decode() {
-                                Ok(out) => Decoded::Ok {
-                                    crc: piece.crc,
-                                    out,
-                                },
-                                Err(()) => Decoded::Failed(piece),
-                            };
-                            let _ = tx.send(d);
+                            let _ = tx.send(piece.decode());
                         }
                     })
                 })
@@ -675,7 +714,10 @@ fn consume<E>(
                 let (mut res, mut merges) = (recv(rx)?, 0);
                 let (crc, out) = loop {
                     let failed = match res {
-                        Decoded::Ok { crc, out } => break (crc, out),
+                        Decoded::Ok { crc, out, fallback } => {
+                            stats.fallback_blocks += u64::from(fallback);
+                            break (crc, out);
+                        }
                         Decoded::Failed(p) => p,
                     };
                     let bad = || {
@@ -702,14 +744,7 @@ fn consume<E>(
                     if merges > MAX_MERGES || len > max_block_bytes(failed.level) {
                         return Err(bad());
                     }
-                    let merged = failed.merge(&next);
-                    res = match merged.decode() {
-                        Ok(out) => Decoded::Ok {
-                            crc: merged.crc,
-                            out,
-                        },
-                        Err(()) => Decoded::Failed(merged),
-                    };
+                    res = failed.merge(&next).decode();
                 };
                 fold = fold.rotate_left(1) ^ crc;
                 stats.blocks += 1;

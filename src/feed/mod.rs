@@ -7,6 +7,7 @@
 //! (runs of 404s) and `worker` (the walk over the minutes).
 
 pub mod api;
+pub mod bzblock;
 pub mod classify;
 pub mod decode;
 pub mod fetch;

@@ -1,0 +1,1 @@
+//! Rescan requests: parsing and validation (being written).

@@ -1,0 +1,1 @@
+//! Rescan results (being written).
