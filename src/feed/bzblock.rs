@@ -37,6 +37,7 @@
 //! [`BlockError::Randomised`] for the caller's fallback.
 
 use std::ops::Range;
+thread_local! { pub static EXP_MODE: std::cell::Cell<u8> = const { std::cell::Cell::new(0) }; }
 
 /// Starts every block (BCD of pi).
 const BLOCK_MAGIC: u64 = 0x3141_5926_5359;
@@ -52,6 +53,8 @@ const MAX_CODE_LEN: u32 = 20;
 const FAST_BITS: u32 = 10;
 /// Symbols per selector group.
 const GROUP_SIZE: usize = 50;
+/// Runs from RUNA/RUNB symbols at least this long are inverted in bulk.
+const LONG_RUN: usize = 8;
 
 /// Why a block was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -88,14 +91,21 @@ pub struct BlockInfo {
 /// Decodes single bzip2 blocks; keeps its ~5 MiB of work arrays between
 /// blocks, so keep one per thread.
 pub struct BlockDecoder {
-    /// Per row: first-column byte | next row << 8 (see module doc).
+    /// Per row: first-column byte | next row << 8 (see module doc); before
+    /// that, the Huffman-decoded symbols.
     tt: Box<[u32; ROWS]>,
+    /// Per row: last-column byte | previous row << 8.
+    lf: Box<[u32; ROWS]>,
     /// The block's L column (BWT output), then the un-BWT'd bytes.
     ll: Box<[u8; ROWS]>,
     /// Huffman table of each group (2..=6 used).
     tables: Box<[HuffTable; 6]>,
     /// Table index of each group of 50 symbols.
     selectors: Vec<u8>,
+    counts_dbg: [u32; 256],
+    /// (start, length) in `ll` of the runs of at least [`LONG_RUN`] bytes,
+    /// which are not written to `ll`.
+    runs: Box<[(u32, u32); ROWS / LONG_RUN]>,
 }
 
 impl Default for BlockDecoder {
@@ -121,9 +131,12 @@ impl BlockDecoder {
         }
         BlockDecoder {
             tt: boxed(),
+            lf: boxed(),
             ll: boxed(),
             tables: Box::new([HuffTable::EMPTY; 6]),
             selectors: Vec::with_capacity(MAX_SELECTORS),
+            counts_dbg: [0; 256],
+            runs: boxed(),
         }
     }
 
@@ -153,8 +166,7 @@ impl BlockDecoder {
         level: u8,
         out: &mut Vec<u8>,
     ) -> Result<BlockInfo, BlockError> {
-        if !(1..=9).contains(&level) || bits.end > src.len() as u64 * 8 || bits.start > bits.end
-        {
+        if !(1..=9).contains(&level) || bits.end > src.len() as u64 * 8 || bits.start > bits.end {
             return Err(BlockError::Magic);
         }
         // Bits past the block read as zero; the end position is checked below.
@@ -186,7 +198,8 @@ impl BlockDecoder {
             table.build(&lens[..alpha_size])?;
         }
 
-        let (nblock, counts) = self.read_symbols(&mut br, &alphabet, alpha_size, max_rows, end)?;
+        let n_syms = self.read_symbols(&mut br, alpha_size as u32 - 1, end)?;
+        let (nblock, n_runs, counts) = self.undo_mtf(n_syms, &alphabet, max_rows)?;
         let decoded = br.position();
         if decoded != end {
             return Err(BlockError::Length {
@@ -197,7 +210,8 @@ impl BlockDecoder {
         if orig_ptr >= nblock {
             return Err(BlockError::Data("origPtr beyond the block"));
         }
-        self.inverse_bwt(nblock, orig_ptr, &counts);
+        self.counts_dbg = counts;
+        self.inverse_bwt(nblock, n_runs, orig_ptr, &counts);
 
         let start = out.len();
         undo_initial_rle(&self.ll[..nblock], out)?;
@@ -211,7 +225,11 @@ impl BlockDecoder {
     }
 
     /// Reads the selector count and the MTF/unary-coded selectors.
-    fn read_selectors(&mut self, br: &mut BitReader<'_>, n_groups: usize) -> Result<(), BlockError> {
+    fn read_selectors(
+        &mut self,
+        br: &mut BitReader<'_>,
+        n_groups: usize,
+    ) -> Result<(), BlockError> {
         let n = br.bits(15) as usize;
         if n == 0 {
             return Err(BlockError::Header("no selectors"));
@@ -236,23 +254,18 @@ impl BlockDecoder {
         Ok(())
     }
 
-    /// Decodes the Huffman-coded MTF/RUNA/RUNB symbols into `ll` (the BWT's L
-    /// column); returns its length and the count of each byte in it.
+    /// Decodes the Huffman-coded symbols into `tt` (free until the inverse
+    /// BWT), up to and including the end-of-block symbol `eob`; returns their
+    /// number (at most 50 per selector, so at most 900,100).
     fn read_symbols(
         &mut self,
-        br: &mut BitReader<'_>,
-        alphabet: &[u8; 256],
-        alpha_size: usize,
-        max_rows: usize,
+        bits: &mut BitReader<'_>,
+        eob: u32,
         end: u64,
-    ) -> Result<(usize, [u32; 256]), BlockError> {
-        let eob = alpha_size as u32 - 1;
-        let ll = &mut *self.ll;
-        let mut mtf = Mtf::new(alphabet);
-        let mut counts = [0u32; 256];
-        let mut nblock = 0usize;
-        // Pending run of the front byte: RUNA/RUNB digits in bijective base 2.
-        let (mut run, mut run_digits) = (0usize, 0u32);
+    ) -> Result<usize, BlockError> {
+        let syms = &mut *self.tt;
+        let mut br = *bits;
+        let mut n = 0;
         for &sel in &self.selectors {
             // Garbage reads as zero bits past the end: stop within one group.
             if br.position() > end {
@@ -265,45 +278,86 @@ impl BlockDecoder {
                 }
                 let (sym, len) = table.decode(br.buf)?;
                 br.consume(len);
-                if sym <= 1 {
-                    // RUNA adds 1 << k, RUNB 2 << k. libbz2 rejects a 22nd
-                    // digit; 21 digits already exceed any block.
-                    if run_digits > 20 {
-                        return Err(BlockError::Data("run too long"));
-                    }
-                    run += ((sym + 1) as usize) << run_digits;
-                    run_digits += 1;
-                    continue;
-                }
-                if run_digits > 0 {
-                    let b = mtf.front();
-                    let to = nblock + run;
-                    let Some(dst) = ll.get_mut(nblock..to).filter(|_| to <= max_rows) else {
-                        return Err(BlockError::Data("run beyond the block size"));
-                    };
-                    dst.fill(b);
-                    counts[usize::from(b)] += run as u32;
-                    nblock = to;
-                    (run, run_digits) = (0, 0);
-                }
+                syms[n & ROW_MASK] = sym;
+                n += 1;
                 if sym == eob {
-                    return Ok((nblock, counts));
+                    *bits = br;
+                    return Ok(n);
                 }
-                if nblock >= max_rows {
-                    return Err(BlockError::Data("block larger than the block size"));
-                }
-                // sym is in 2..eob <= 257, so the index is in 1..=255.
-                let b = mtf.move_to_front((sym - 1) as u8);
-                ll[nblock & ROW_MASK] = b;
-                counts[usize::from(b)] += 1;
-                nblock += 1;
             }
         }
         Err(BlockError::Data("more groups than selectors"))
     }
 
-    /// Turns `ll[..nblock]` (L column) into the block's bytes, in place.
-    fn inverse_bwt(&mut self, nblock: usize, orig_ptr: usize, counts: &[u32; 256]) {
+    /// Interprets the symbols in `tt[..n_syms]` (RUNA/RUNB runs and
+    /// move-to-front indices, ending with the end-of-block symbol): fills `ll`
+    /// (the BWT's L column) and `runs`; returns the length of the column, the
+    /// number of long runs and the count of each byte.
+    fn undo_mtf(
+        &mut self,
+        n_syms: usize,
+        alphabet: &[u8; 256],
+        max_rows: usize,
+    ) -> Result<(usize, usize, [u32; 256]), BlockError> {
+        let (ll, runs) = (&mut *self.ll, &mut *self.runs);
+        let mut n_runs = 0;
+        let mut mtf = Mtf::new(alphabet);
+        let mut counts = [0u32; 256];
+        let mut nblock = 0usize;
+        // Pending run of the front byte: RUNA/RUNB digits in bijective base 2.
+        let (mut run, mut run_digits) = (0usize, 0u32);
+        let syms = &self.tt[..n_syms];
+        let eob = syms.last().copied().unwrap_or_default();
+        for &sym in syms {
+            if sym <= 1 {
+                // RUNA adds 1 << k, RUNB 2 << k. libbz2 rejects a 22nd digit;
+                // 21 digits already exceed any block.
+                if run_digits > 20 {
+                    return Err(BlockError::Data("run too long"));
+                }
+                run += ((sym + 1) as usize) << run_digits;
+                run_digits += 1;
+                continue;
+            }
+            if run_digits > 0 {
+                let b = mtf.front();
+                if nblock + run > max_rows {
+                    return Err(BlockError::Data("run beyond the block size"));
+                }
+                if run < LONG_RUN {
+                    // One store; the bytes past the run are overwritten later.
+                    let dst = ll.get_mut(nblock..nblock + LONG_RUN);
+                    let dst: Option<&mut [u8; LONG_RUN]> = dst.and_then(|d| d.try_into().ok());
+                    *dst.ok_or(BlockError::Data("run beyond the block size"))? = [b; LONG_RUN];
+                } else {
+                    // At most max_rows / LONG_RUN long runs fit: the modulo
+                    // only elides the bounds check.
+                    runs[n_runs % runs.len()] = (nblock as u32, run as u32);
+                    ll[nblock & ROW_MASK] = b;
+                    n_runs += 1;
+                }
+                counts[usize::from(b)] += run as u32;
+                nblock += run;
+                (run, run_digits) = (0, 0);
+            }
+            if sym == eob {
+                break;
+            }
+            if nblock >= max_rows {
+                return Err(BlockError::Data("block larger than the block size"));
+            }
+            // sym is in 2..eob <= 257, so the index is in 1..=255.
+            let b = mtf.move_to_front((sym - 1) as u8);
+            ll[nblock & ROW_MASK] = b;
+            counts[usize::from(b)] += 1;
+            nblock += 1;
+        }
+        Ok((nblock, n_runs, counts))
+    }
+
+    /// Turns `ll[..nblock]` (L column, with `runs[..n_runs]`) into the block's
+    /// bytes, in place.
+    fn inverse_bwt(&mut self, nblock: usize, n_runs: usize, orig_ptr: usize, counts: &[u32; 256]) {
         // cf[b]: first row whose first-column byte is b.
         let mut cf = [0u32; 256];
         let mut sum = 0;
@@ -311,19 +365,65 @@ impl BlockDecoder {
             *c = sum;
             sum += n;
         }
-        let (tt, ll) = (&mut *self.tt, &mut self.ll[..nblock]);
-        // Row i's L byte b is the F byte of row j = cf[b]++ (the LF mapping);
-        // reading the text forwards goes from row j to row i.
-        for (i, &b) in ll.iter().enumerate() {
-            let j = &mut cf[usize::from(b)];
-            tt[*j as usize & ROW_MASK] = (i as u32) << 8 | u32::from(b);
-            *j += 1;
+        let (tt, lf, ll) = (&mut *self.tt, &mut *self.lf, &self.ll[..nblock]);
+        // Row i's L byte b is the F byte of row j = cf[b]++: j = LF(i). The
+        // text is read forwards from row j to row i (`tt`) and backwards from
+        // row i to row j (`lf`). Long runs (known from decoding) map
+        // consecutive rows to consecutive rows.
+        fn scatter(
+            tt: &mut [u32; ROWS],
+            lf: &mut [u32],
+            cf: &mut [u32; 256],
+            from: usize,
+            bytes: &[u8],
+        ) {
+            let mut i = (from as u32) << 8;
+            for (&b, back) in bytes.iter().zip(lf) {
+                let j = &mut cf[usize::from(b)];
+                tt[*j as usize & ROW_MASK] = i | u32::from(b);
+                *back = *j << 8 | u32::from(b);
+                *j += 1;
+                i += 1 << 8;
+            }
         }
-        let mut row = orig_ptr;
-        for byte in ll.iter_mut() {
-            let e = tt[row & ROW_MASK];
-            *byte = e as u8;
-            row = (e >> 8) as usize;
+        let mut done = 0;
+        for &(at, len) in &self.runs[..n_runs] {
+            let (at, len) = (at as usize, len as usize);
+            scatter(tt, &mut lf[done..], &mut cf, done, &ll[done..at]);
+            let b = ll[at];
+            let j = cf[usize::from(b)] as usize;
+            cf[usize::from(b)] += len as u32;
+            let (i, jb) = (
+                (at as u32) << 8 | u32::from(b),
+                (j as u32) << 8 | u32::from(b),
+            );
+            let rows = tt[j..j + len].iter_mut().zip(&mut lf[at..at + len]);
+            for (k, (t, back)) in rows.enumerate() {
+                *t = i + ((k as u32) << 8);
+                *back = jb + ((k as u32) << 8);
+            }
+            done = at + len;
+        }
+        scatter(tt, &mut lf[done..], &mut cf, done, &ll[done..]);
+
+        if EXP_MODE.with(|m| m.get()) == 9 {
+            return;
+        }
+        // Each step is a load that depends on the previous one and mostly
+        // misses the cache: walking both ways at once halves the wait.
+        let ll = &mut self.ll[..nblock];
+        let (front, back) = ll.split_at_mut(nblock.div_ceil(2));
+        let (mut fwd, mut bwd) = (orig_ptr, orig_ptr);
+        for (f, b) in front.iter_mut().zip(back.iter_mut().rev()) {
+            let e = tt[fwd & ROW_MASK];
+            let d = lf[bwd & ROW_MASK];
+            *f = e as u8;
+            *b = d as u8;
+            fwd = (e >> 8) as usize;
+            bwd = (d >> 8) as usize;
+        }
+        if let Some(f) = front.get_mut(back.len()) {
+            *f = tt[fwd & ROW_MASK] as u8;
         }
     }
 }
@@ -410,6 +510,8 @@ fn find_run4(s: &[u8]) -> Option<usize> {
 // ------------------------------------------------------------------ bits
 
 /// MSB-first reader over a byte slice; bits past its end read as zero.
+/// `Copy`, so hot loops work on a local copy the compiler keeps in registers.
+#[derive(Clone, Copy)]
 struct BitReader<'a> {
     src: &'a [u8],
     /// Next byte of `src` to load (may pass its end).
@@ -445,19 +547,22 @@ impl<'a> BitReader<'a> {
             self.pos += k as usize;
             self.n += k << 3;
         } else {
-            self.refill_tail();
+            *self = self.refilled_at_end();
         }
     }
 
+    /// `refill` within 8 bytes of the end. By value, so that callers' copies
+    /// need not live in memory.
     #[cold]
     #[inline(never)]
-    fn refill_tail(&mut self) {
+    fn refilled_at_end(mut self) -> Self {
         while self.n <= 56 {
             let b = self.src.get(self.pos).copied().unwrap_or(0);
             self.buf |= u64::from(b) << (56 - self.n);
             self.pos += 1;
             self.n += 8;
         }
+        self
     }
 
     #[inline(always)]
@@ -601,18 +706,25 @@ impl Mtf {
     /// Moves entry `n` (>= 1) to the front and returns it.
     #[inline(always)]
     fn move_to_front(&mut self, n: u8) -> u8 {
-        let (wi, sh) = (usize::from(n >> 3), u32::from(n & 7) * 8);
-        let w = self.words[wi];
-        let v = (w >> sh) & 0xff;
-        let below = (1u64 << sh) - 1;
-        let above = (!0u64 << 8) << sh;
-        let carry = if wi == 0 {
-            v
-        } else {
-            self.words[wi - 1] >> 56
+        /// By `n % 8`: the bytes of `n`'s word that move up by one place.
+        const MOVING: [u64; 8] = {
+            let mut m = [!0u64; 8];
+            let mut k = 0;
+            while k < 7 {
+                m[k] = (1 << (8 * (k + 1))) - 1;
+                k += 1;
+            }
+            m
         };
-        self.words[wi] = (w & above) | ((w & below) << 8) | carry;
-        if wi > 0 {
+        let (wi, sh) = (usize::from(n >> 3), u32::from(n & 7) * 8);
+        let moving = MOVING[usize::from(n & 7)];
+        let w = self.words[wi];
+        let v = u64::from((w >> sh) as u8);
+        if wi == 0 {
+            self.words[0] = (w << 8 & moving) | (w & !moving) | v;
+        } else {
+            let carry = self.words[wi - 1] >> 56;
+            self.words[wi] = (w << 8 & moving) | (w & !moving) | carry;
             for k in (1..wi).rev() {
                 self.words[k] = self.words[k] << 8 | self.words[k - 1] >> 56;
             }
@@ -624,21 +736,18 @@ impl Mtf {
 
 // ------------------------------------------------------------------- CRC
 
-/// bzip2's CRC-32 (MSB first, polynomial 0x04c11db7) of `data`.
+/// bzip2's CRC-32 (MSB first, polynomial 0x04c11db7) of `data`, slicing by 16.
 pub fn crc32(data: &[u8]) -> u32 {
     let t = &CRC_TABLES;
     let mut crc = !0u32;
-    let mut chunks = data.chunks_exact(8);
+    let mut chunks = data.chunks_exact(16);
     for c in &mut chunks {
-        let a = crc ^ u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
-        crc = t[7][(a >> 24) as usize]
-            ^ t[6][(a >> 16 & 0xff) as usize]
-            ^ t[5][(a >> 8 & 0xff) as usize]
-            ^ t[4][(a & 0xff) as usize]
-            ^ t[3][usize::from(c[4])]
-            ^ t[2][usize::from(c[5])]
-            ^ t[1][usize::from(c[6])]
-            ^ t[0][usize::from(c[7])];
+        let a = (crc ^ u32::from_be_bytes([c[0], c[1], c[2], c[3]])).to_be_bytes();
+        crc = t[15][usize::from(a[0])] ^ t[14][usize::from(a[1])];
+        crc ^= t[13][usize::from(a[2])] ^ t[12][usize::from(a[3])];
+        for (k, &b) in c[4..].iter().enumerate() {
+            crc ^= t[11 - k][usize::from(b)];
+        }
     }
     for &b in chunks.remainder() {
         crc = crc << 8 ^ t[0][usize::from((crc >> 24) as u8 ^ b)];
@@ -646,12 +755,12 @@ pub fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
-/// Slicing-by-8 tables: `[k][b]` is the CRC update for byte `b` followed by
+/// Slicing-by-16 tables: `[k][b]` is the CRC update for byte `b` followed by
 /// `k` zero bytes.
-static CRC_TABLES: [[u32; 256]; 8] = crc_tables();
+static CRC_TABLES: [[u32; 256]; 16] = crc_tables();
 
-const fn crc_tables() -> [[u32; 256]; 8] {
-    let mut t = [[0u32; 256]; 8];
+const fn crc_tables() -> [[u32; 256]; 16] {
+    let mut t = [[0u32; 256]; 16];
     let mut b = 0;
     while b < 256 {
         let mut c = (b as u32) << 24;
@@ -668,7 +777,7 @@ const fn crc_tables() -> [[u32; 256]; 8] {
         b += 1;
     }
     let mut k = 1;
-    while k < 8 {
+    while k < 16 {
         let mut b = 0;
         while b < 256 {
             let p = t[k - 1][b];
@@ -678,4 +787,529 @@ const fn crc_tables() -> [[u32; 256]; 8] {
         k += 1;
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    const EOS_MAGIC: u64 = 0x1772_4538_5090;
+
+    /// Deterministic xorshift PRNG.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    fn compress(data: &[u8], level: u32) -> Vec<u8> {
+        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::new(level));
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn reference(bz: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        bzip2::read::MultiBzDecoder::new(bz)
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+
+    fn bits_at(src: &[u8], bit: u64) -> u64 {
+        let mut b = [0u8; 8];
+        let i = (bit / 8) as usize;
+        let n = src.len().saturating_sub(i).min(8);
+        b[..n].copy_from_slice(&src[i..i + n]);
+        (u64::from_be_bytes(b) << (bit % 8)) >> 16
+    }
+
+    /// Bit ranges of the blocks of a single-stream file (magics found by a
+    /// plain scan; test data is too small for chance magics to matter).
+    fn blocks(bz: &[u8]) -> Vec<Range<u64>> {
+        let mut starts = Vec::new();
+        let mut bit = 32;
+        while bit + 48 <= bz.len() as u64 * 8 {
+            match bits_at(bz, bit) {
+                BLOCK_MAGIC => starts.push(bit),
+                EOS_MAGIC => {
+                    starts.push(bit);
+                    break;
+                }
+                _ => {}
+            }
+            bit += 1;
+        }
+        starts.windows(2).map(|w| w[0]..w[1]).collect()
+    }
+
+    /// Decodes every block of `bz` with the fast decoder.
+    fn decode_all(d: &mut BlockDecoder, bz: &[u8]) -> Vec<u8> {
+        let level = bz[3] - b'0';
+        let mut out = Vec::new();
+        for b in blocks(bz) {
+            d.decode(bz, b.clone(), level, &mut out)
+                .unwrap_or_else(|e| panic!("block {b:?}: {e}"));
+        }
+        out
+    }
+
+    fn check_roundtrip(d: &mut BlockDecoder, data: &[u8], level: u32, what: &str) {
+        let bz = compress(data, level);
+        let out = decode_all(d, &bz);
+        assert!(out == data, "{what}, level {level}: output differs");
+        assert!(reference(&bz) == data);
+    }
+
+    /// JSON-lines-like text.
+    fn json_lines(len: usize, seed: u64) -> Vec<u8> {
+        let mut r = Rng(seed | 1);
+        let mut out = Vec::with_capacity(len + 300);
+        while out.len() < len {
+            let line = format!(
+                "{{\"id\": \"{:016x}{:016x}\", \"type\": \"file_behaviour\", \"attributes\": \
+                 {{\"registry_keys_set\": [{{\"key\": \"HKEY_CURRENT_USER\\\\Software\\\\{}\"}}], \
+                 \"processes\": {}, \"tags\": [\"{}\"]}}}}\n",
+                r.next(),
+                r.next(),
+                ["Microsoft", "Office", "Classes", "Policies"][r.below(4) as usize],
+                r.below(100_000),
+                ["DIRECT_CPU_CLOCK_ACCESS", "RUNTIME_MODULES", "    "][r.below(3) as usize],
+            );
+            out.extend_from_slice(line.as_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    #[test]
+    fn crc_matches_the_bzip2_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xFC89_1918);
+        assert_eq!(crc32(b""), 0);
+        // Slicing and byte-wise paths agree at every length.
+        let data = Rng(1).bytes(100);
+        for n in 0..data.len() {
+            let mut crc = !0u32;
+            for &b in &data[..n] {
+                crc = crc << 8 ^ CRC_TABLES[0][usize::from((crc >> 24) as u8 ^ b)];
+            }
+            assert_eq!(crc32(&data[..n]), !crc, "length {n}");
+        }
+    }
+
+    #[test]
+    fn all_levels_on_text_json_random_and_runs() {
+        let mut d = BlockDecoder::new();
+        let mut r = Rng(2);
+        let json = json_lines(1_900_000, 3);
+        let random = r.bytes(1_000_000);
+        let mut runs = Vec::new();
+        while runs.len() < 1_200_000 {
+            let len = [1, 2, 3, 4, 5, 6, 254, 255, 258, 259, 260, 1000][r.below(12) as usize];
+            runs.extend(std::iter::repeat_n(r.next() as u8 % 3, len));
+        }
+        for level in 1..=9 {
+            check_roundtrip(&mut d, &json, level, "json lines");
+            check_roundtrip(&mut d, &random[..300_000], level, "random");
+            check_roundtrip(&mut d, &runs, level, "runs");
+            check_roundtrip(&mut d, &vec![b'x'; 2_000_000], level, "all the same");
+        }
+        check_roundtrip(&mut d, &random, 9, "random, 1 MB");
+    }
+
+    #[test]
+    fn initial_rle_edge_cases() {
+        let mut d = BlockDecoder::new();
+        // Runs of exactly 4 and 5, 4 + 255 and 4 + 255 + 1, at the start, in
+        // the middle and at the end of a block; a count byte equal to the run.
+        for len in [
+            1, 3, 4, 5, 8, 9, 100, 258, 259, 260, 263, 264, 1000, 100_000,
+        ] {
+            for ch in [0u8, b'a', 4, 255] {
+                let run = vec![ch; len];
+                for data in [
+                    run.clone(),
+                    [&b"xyz"[..], &run].concat(),
+                    [&run[..], b"xyz"].concat(),
+                    [&b"q"[..], &run, b"q"].concat(),
+                ] {
+                    check_roundtrip(&mut d, &data, 1, &format!("run of {len} x {ch}"));
+                }
+            }
+        }
+        // A run whose count byte equals its byte (4 x 'a' then count 97).
+        check_roundtrip(
+            &mut d,
+            &[b'a'; 4 + 97 + 4 + 97].repeat(3),
+            1,
+            "count = byte",
+        );
+        // All 256 byte values, in order and shuffled; one symbol only.
+        let all: Vec<u8> = (0..=255).collect();
+        check_roundtrip(&mut d, &all, 1, "256 symbols");
+        check_roundtrip(&mut d, &all.repeat(5000), 9, "256 symbols x 5000");
+        let mut r = Rng(4);
+        let mut shuffled = all.repeat(40);
+        for i in (1..shuffled.len()).rev() {
+            shuffled.swap(i, r.below(i as u64 + 1) as usize);
+        }
+        check_roundtrip(&mut d, &shuffled, 2, "shuffled");
+        check_roundtrip(&mut d, b"z", 9, "one byte");
+        check_roundtrip(&mut d, b"zz", 9, "two bytes");
+    }
+
+    #[test]
+    fn undo_initial_rle_matches_a_naive_decoder() {
+        fn naive(src: &[u8]) -> Option<Vec<u8>> {
+            let (mut out, mut i, mut same) = (Vec::new(), 0, 0);
+            while i < src.len() {
+                let b = src[i];
+                same = if out.last() == Some(&b) && same > 0 {
+                    same + 1
+                } else {
+                    1
+                };
+                out.push(b);
+                i += 1;
+                if same == 4 {
+                    let &n = src.get(i)?;
+                    out.extend(std::iter::repeat_n(b, usize::from(n)));
+                    (i, same) = (i + 1, 0);
+                }
+            }
+            Some(out)
+        }
+        let mut r = Rng(5);
+        for i in 0..3000 {
+            let len = r.below(if i < 2000 { 20 } else { 400 }) as usize;
+            let alphabet = 1 + r.below(3);
+            let src: Vec<u8> = (0..len).map(|_| (r.below(alphabet)) as u8).collect();
+            let mut out = Vec::new();
+            let ours = undo_initial_rle(&src, &mut out).ok().map(|()| out);
+            assert_eq!(ours, naive(&src), "{src:?}");
+        }
+    }
+
+    #[test]
+    fn move_to_front_matches_a_naive_list() {
+        let mut alphabet = [0u8; 256];
+        for (i, a) in alphabet.iter_mut().enumerate() {
+            *a = (i as u8).wrapping_mul(37);
+        }
+        let mut naive = alphabet.to_vec();
+        let mut mtf = Mtf::new(&alphabet);
+        let mut r = Rng(6);
+        for i in 0..20_000 {
+            let n = if i % 2 == 0 {
+                1 + r.below(255)
+            } else {
+                1 + r.below(12)
+            } as usize;
+            let v = naive.remove(n);
+            naive.insert(0, v);
+            assert_eq!(mtf.move_to_front(n as u8), v);
+            assert_eq!(mtf.front(), v);
+        }
+        let list: Vec<u8> = mtf.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(list, naive);
+    }
+
+    #[test]
+    fn huffman_tables_reject_over_subscribed_codes() {
+        let mut t = HuffTable::EMPTY;
+        assert!(t.build(&[1, 1, 1]).is_err());
+        assert!(t.build(&[2, 2, 2, 2, 2]).is_err());
+        // Complete: 1 + 2 + 3 + 3; incomplete: 2 + 2 + 2.
+        t.build(&[1, 2, 3, 3]).unwrap();
+        assert_eq!(t.decode(0b0 << 63).unwrap(), (0, 1));
+        assert_eq!(t.decode(0b10 << 62).unwrap(), (1, 2));
+        assert_eq!(t.decode(0b111 << 61).unwrap(), (3, 3));
+        t.build(&[2, 2, 2]).unwrap();
+        assert_eq!(t.decode(0b10 << 62).unwrap(), (2, 2));
+        assert!(t.decode(0b11 << 62).is_err());
+        // Long codes take the slow path: lengths 1, 2, .., 19, 20, 20.
+        let lens: Vec<u8> = (1..=20).chain([20]).collect();
+        t.build(&lens).unwrap();
+        assert_eq!(t.decode(!0 << 44).unwrap(), (20, 20));
+        assert_eq!(t.decode(!0 << 45).unwrap(), (19, 20));
+        assert_eq!(t.decode(!0 << 53).unwrap(), (11, 12));
+    }
+
+    #[test]
+    fn randomised_blocks_are_reported() {
+        let bz = compress(b"hello hello hello", 9);
+        let b = blocks(&bz).remove(0);
+        let mut flipped = bz.clone();
+        let bit = b.start + 48 + 32; // the randomised flag
+        flipped[(bit / 8) as usize] ^= 0x80 >> (bit % 8);
+        let mut out = Vec::new();
+        let r = BlockDecoder::new().decode(&flipped, b, 9, &mut out);
+        assert_eq!(r, Err(BlockError::Randomised));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn wrong_ranges_and_levels_are_errors() {
+        let data = json_lines(50_000, 7);
+        let bz = compress(&data, 1);
+        let b = blocks(&bz).remove(0);
+        let mut d = BlockDecoder::new();
+        let mut out = b"kept".to_vec();
+        for (range, level) in [
+            (b.start + 1..b.end, 1),
+            (b.start..b.end - 1, 1),
+            (b.start..b.end + 1, 1),
+            (b.start..bz.len() as u64 * 8 + 1, 1),
+            (b.end..b.start, 1),
+            (b.clone(), 0),
+            (b.clone(), 10),
+        ] {
+            assert!(d.decode(&bz, range, level, &mut out).is_err());
+            assert_eq!(out, b"kept");
+        }
+        // The block fits level 1, so any larger level accepts it too.
+        let info = d.decode(&bz, b.clone(), 9, &mut out).unwrap();
+        assert_eq!((info.len, &out[4..]), (data.len(), &data[..]));
+    }
+
+    /// Every result must be an error or exactly `want`; never a panic.
+    fn fuzz_one(d: &mut BlockDecoder, bz: &[u8], range: Range<u64>, want: &[u8]) {
+        let mut out = Vec::new();
+        match d.decode(bz, range, 9, &mut out) {
+            Ok(info) => assert!(out == want && info.len == want.len()),
+            Err(_) => assert!(out.is_empty()),
+        }
+    }
+
+    #[test]
+    fn bit_flips_and_truncations_are_errors_or_exact() {
+        let mut d = BlockDecoder::new();
+        let mut r = Rng(8);
+        let inputs = [
+            json_lines(40_000, 9),
+            [vec![7u8; 3000], json_lines(3000, 10), vec![9u8; 300]].concat(),
+            r.bytes(5000),
+        ];
+        for data in &inputs {
+            let bz = compress(data, 9);
+            let b = blocks(&bz).remove(0);
+            for i in 0..1500 {
+                // Half the flips in the header and tables, where they hurt most.
+                let span = if i % 2 == 0 { 2000 } else { b.end - b.start };
+                let bit = b.start + r.below(span.min(b.end - b.start));
+                let mut bad = bz.clone();
+                bad[(bit / 8) as usize] ^= 0x80 >> (bit % 8);
+                fuzz_one(&mut d, &bad, b.clone(), data);
+                if i % 5 == 0 {
+                    let mut bad2 = bad.clone();
+                    let bit = b.start + r.below(b.end - b.start);
+                    bad2[(bit / 8) as usize] ^= 0x80 >> (bit % 8);
+                    fuzz_one(&mut d, &bad2, b.clone(), data);
+                }
+            }
+            for cut in (b.start..b.end).step_by(97) {
+                fuzz_one(&mut d, &bz, b.start..cut, data);
+                fuzz_one(&mut d, &bz[..cut.div_ceil(8) as usize], b.start..cut, data);
+            }
+        }
+    }
+
+    #[test]
+    fn random_garbage_is_rejected() {
+        let mut d = BlockDecoder::new();
+        let mut r = Rng(11);
+        let magic = &BLOCK_MAGIC.to_be_bytes()[2..];
+        for i in 0..20_000 {
+            let len = r.below(if i % 2 == 0 { 100 } else { 3000 }) as usize;
+            let mut g = r.bytes(len);
+            if i % 4 > 0 {
+                // A real magic, and mostly plausible header fields after it.
+                g.splice(0..0, magic.iter().copied());
+                if i % 4 == 2 && g.len() > 14 {
+                    g[10] &= 0x7f; // not randomised
+                    g[10..14].copy_from_slice(&[0, 0, 0, 0xff]);
+                }
+            }
+            let end = g.len() as u64 * 8;
+            let mut out = Vec::new();
+            let level = 1 + r.below(9) as u8;
+            assert!(d.decode(&g, 0..end, level, &mut out).is_err());
+            assert!(out.is_empty());
+        }
+    }
+
+    fn walk_fwd(tt: &[u32; ROWS], orig: usize, out: &mut [u8]) {
+        let mut row = orig;
+        for byte in out.iter_mut() {
+            let e = tt[row & ROW_MASK];
+            *byte = e as u8;
+            row = (e >> 8) as usize;
+        }
+    }
+    fn walk_two(tt: &[u32; ROWS], lf: &[u32; ROWS], orig: usize, out: &mut [u8]) {
+        let n = out.len();
+        let (front, back) = out.split_at_mut(n.div_ceil(2));
+        let (mut fwd, mut bwd) = (orig, orig);
+        for (f, b) in front.iter_mut().zip(back.iter_mut().rev()) {
+            let e = tt[fwd & ROW_MASK];
+            let d = lf[bwd & ROW_MASK];
+            *f = e as u8;
+            *b = d as u8;
+            fwd = (e >> 8) as usize;
+            bwd = (d >> 8) as usize;
+        }
+        if let Some(f) = front.get_mut(back.len()) {
+            *f = tt[fwd & ROW_MASK] as u8;
+        }
+    }
+    /// K chains from marked rows, two passes (lengths, then bytes).
+    fn walk_multi<const K: usize>(tt: &mut [u32; ROWS], orig: usize, out: &mut [u8]) {
+        const MARK: u32 = 1 << 31;
+        let n = out.len();
+        let mut starts = [0usize; K];
+        starts[0] = orig;
+        let mut k = 1;
+        for m in 1..K {
+            let r = m * n / K;
+            if r != orig && tt[r] & MARK == 0 {
+                starts[k] = r;
+                k += 1;
+                tt[r] |= MARK;
+            }
+        }
+        tt[orig] |= MARK;
+        // pass A
+        let mut cur = starts;
+        let mut len = [0usize; K];
+        let mut succ = [0usize; K];
+        let mut active: [usize; K] = std::array::from_fn(|m| m);
+        let mut na = k;
+        // first step of each chain
+        for m in 0..k {
+            let e = tt[cur[m] & ROW_MASK];
+            cur[m] = ((e >> 8) as usize) & ROW_MASK;
+            len[m] = 1;
+        }
+        while na > 0 {
+            let mut a = 0;
+            while a < na {
+                let m = active[a];
+                let e = tt[cur[m] & ROW_MASK];
+                if e & MARK != 0 {
+                    succ[m] = cur[m];
+                    na -= 1;
+                    active[a] = active[na];
+                    continue;
+                }
+                cur[m] = ((e >> 8) as usize) & ROW_MASK;
+                len[m] += 1;
+                a += 1;
+            }
+        }
+        // order
+        let mut off = [0usize; K];
+        let mut pos = 0;
+        let mut m = 0;
+        for _ in 0..k {
+            off[m] = pos;
+            pos += len[m];
+            let s = succ[m];
+            m = starts[..k].iter().position(|&r| r == s).unwrap_or(0);
+        }
+        // pass B
+        let mut cur = starts;
+        let mut at = off;
+        let mut left = len;
+        let mut na = k;
+        let mut active: [usize; K] = std::array::from_fn(|m| m);
+        while na > 0 {
+            let mut a = 0;
+            while a < na {
+                let m = active[a];
+                if left[m] == 0 {
+                    na -= 1;
+                    active[a] = active[na];
+                    continue;
+                }
+                let e = tt[cur[m] & ROW_MASK];
+                out[at[m] % n] = e as u8;
+                at[m] += 1;
+                left[m] -= 1;
+                cur[m] = ((e >> 8) as usize) & ROW_MASK;
+                a += 1;
+            }
+        }
+        for &r in &starts[..k] {
+            tt[r] &= !MARK;
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn chain_experiment() {
+        let bz = std::fs::read(std::env::var("BZ_FILE").unwrap()).unwrap();
+        let level = bz[3] - b'0';
+        let bl = blocks(&bz);
+        let mut d = BlockDecoder::new();
+        let mut t = [0f64; 6];
+        let mut total = 0;
+        let reps: usize = std::env::var("REPS").map_or(3, |r| r.parse().unwrap());
+        for b in bl.iter().take(40) {
+            let mut out = Vec::new();
+            EXP_MODE.with(|m| m.set(9));
+            // decode up to the tables; decode errors since ll not walked: ignore
+            let _ = d.decode(&bz, b.clone(), level, &mut out);
+            EXP_MODE.with(|m| m.set(0));
+            let mut reference = Vec::new();
+            let info = BlockDecoder::new()
+                .decode(&bz, b.clone(), level, &mut reference)
+                .unwrap();
+            let _ = info;
+            // recover orig and nblock by a reference walk
+            let mut br = BitReader::new(&bz, b.start + 48 + 33);
+            let orig = br.bits(24) as usize;
+            let mut n = 0;
+            for (i, &c) in d.counts_dbg.iter().enumerate() {
+                let _ = i;
+                n += c as usize;
+            }
+            let mut o = vec![0u8; n];
+            for _ in 0..reps {
+                for (v, tv) in t.iter_mut().enumerate() {
+                    let s = std::time::Instant::now();
+                    match v {
+                        0 => walk_fwd(&d.tt, orig, &mut o),
+                        1 => walk_two(&d.tt, &d.lf, orig, &mut o),
+                        2 => walk_multi::<8>(&mut d.tt, orig, &mut o),
+                        3 => walk_multi::<32>(&mut d.tt, orig, &mut o),
+                        4 => walk_multi::<128>(&mut d.tt, orig, &mut o),
+                        _ => walk_fwd(&d.tt, orig, &mut o),
+                    }
+                    *tv += s.elapsed().as_secs_f64();
+                    let mut chk = Vec::new();
+                    undo_initial_rle(&o, &mut chk).unwrap();
+                    assert!(chk == reference, "variant {v}");
+                }
+            }
+            total += n * reps;
+        }
+        for (v, tv) in t.iter().enumerate() {
+            println!(
+                "variant {v}: {:.1} MB/s ({:.3}s)",
+                total as f64 / tv / 1e6,
+                tv
+            );
+        }
+    }
 }

@@ -917,7 +917,53 @@ mod tests {
                 assert!(out == data, "level {level} threads {threads}");
                 assert_eq!((st.streams, st.compressed_bytes), (1, bz.len() as u64));
                 assert_eq!(st.blocks, 700_000u64.div_ceil(level as u64 * 100_000 - 19));
+                assert_eq!(st.fallback_blocks, 0);
             }
+        }
+    }
+
+    #[test]
+    fn fast_decoder_handles_every_kind_of_data_without_fallback() {
+        let mut r = Rng(15);
+        let random: Vec<u8> = (0..400_000).map(|_| r.next() as u8).collect();
+        let mut runs = Vec::new();
+        while runs.len() < 3_000_000 {
+            let len = [1, 4, 5, 259, 260, 5000, 70_000][r.below(7) as usize];
+            runs.extend(std::iter::repeat_n(r.next() as u8, len));
+        }
+        let all_bytes: Vec<u8> = (0..=255).collect();
+        for (what, data) in [
+            ("text", text(450_000, 16)),
+            ("random", random),
+            ("runs", runs),
+            ("all the same", vec![b'a'; 1_000_000]),
+            ("256 symbols", all_bytes.repeat(1000)),
+            ("one byte", b"a".to_vec()),
+        ] {
+            for level in [1, 2, 5, 9] {
+                let bz = compress(&data, level);
+                let (out, st) = run(&ParallelDecoder::new(2), &bz).unwrap();
+                assert!(out == data, "{what}, level {level}");
+                assert_eq!(reference(&bz).unwrap(), data);
+                assert_eq!(st.fallback_blocks, 0, "{what}, level {level}");
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_the_fast_decoder_rejects_fall_back_to_libbz2() {
+        // A randomised block (bzip2 0.9.0) shorter than 618 bytes decodes to the
+        // same bytes as a plain one (the first flip is at byte 618), so setting
+        // the flag keeps the file valid; the fast decoder refuses it.
+        let data = text(500, 17);
+        let mut bz = compress(&data, 9);
+        bz[14] |= 0x80; // bit 112 = 32 (header) + 48 (magic) + 32 (CRC)
+        assert_eq!(reference(&bz).unwrap(), data);
+        let two = [&bz[..], &compress(&data, 9)].concat();
+        for threads in [1, 2] {
+            let (out, st) = run(&ParallelDecoder::new(threads), &two).unwrap();
+            assert!(out == [&data[..], &data].concat());
+            assert_eq!((st.blocks, st.fallback_blocks), (2, 1));
         }
     }
 
@@ -934,6 +980,7 @@ mod tests {
             let (out, st) = run(&ParallelDecoder::new(threads), &bz).unwrap();
             assert!(out == want);
             assert_eq!((st.streams, st.blocks), (5, 3 + 1 + 1 + 1));
+            assert_eq!(st.fallback_blocks, 0);
         }
         assert_eq!(reference(&bz).unwrap(), want);
         assert_eq!(par(&compress(b"", 1), 2).unwrap(), b"");
@@ -1143,5 +1190,35 @@ mod tests {
         ));
         let r = decode_sequential(&bz[..], 100, |_| Err(7));
         assert!(matches!(r, Err(DecodeError::Stopped(7))));
+    }
+
+    /// Decodes the file `BZ_FILE` with `BZ_THREADS` (default 1) threads, or
+    /// with libbz2 alone if `BZ_LIBBZ2` is set; for profiling, e.g.
+    /// `BZ_FILE=/tmp/x.bz2 valgrind --tool=callgrind target/release/deps/sandbox_bridge-* --ignored --exact feed::decode::tests::decode_file`.
+    #[test]
+    #[ignore = "benchmark; needs BZ_FILE"]
+    fn decode_file() {
+        let path = std::env::var("BZ_FILE").expect("BZ_FILE");
+        let threads = std::env::var("BZ_THREADS").map_or(1, |t| t.parse().unwrap());
+        let bz = std::fs::read(path).unwrap();
+        let t = std::time::Instant::now();
+        let mut n = 0;
+        let st = if std::env::var_os("BZ_LIBBZ2").is_some() {
+            decode_sequential(&bz[..], 1 << 20, |c| {
+                n += c.len();
+                Ok::<_, ()>(())
+            })
+        } else {
+            ParallelDecoder::new(threads).decode(&bz[..], |c| {
+                n += c.len();
+                Ok::<_, ()>(())
+            })
+        }
+        .unwrap();
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "{n} bytes in {s:.3} s = {:.1} MB/s; {st:?}",
+            n as f64 / s / 1e6
+        );
     }
 }
