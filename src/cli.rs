@@ -1,6 +1,7 @@
 //! Command line: one binary, one subcommand per job.
 //!
-//! `feed` runs the feed worker and `simulate` the upstream simulators.
+//! `feed` runs the feed worker, `rescan` the rescan consumer, `run` every
+//! enabled pipeline in one process, and `simulate` the upstream simulators.
 //! Exit status: 0 after a clean shutdown (including SIGINT/SIGTERM), 1 on a
 //! runtime error, 2 for invalid usage or configuration, 3 when fenced by a
 //! newer instance with the same transactional id (do not restart blindly).
@@ -19,6 +20,7 @@ use crate::config::Config;
 use crate::feed::{FeedError, FeedWorker};
 use crate::http::Readiness;
 use crate::metrics::Metrics;
+use crate::rescan::worker::{RescanError, RescanWorker};
 
 /// How long a shutdown may take before the process gives up waiting.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,6 +40,10 @@ pub struct Cli {
 pub enum Command {
     /// Publish the VirusTotal file-behaviour feed to Kafka.
     Feed(ConfigArgs),
+    /// Consume rescan requests and call the KTIP sandbox.
+    Rescan(ConfigArgs),
+    /// Run every enabled pipeline ([feed] and [rescan]) in one process.
+    Run(ConfigArgs),
     /// Serve simulators of the upstream APIs (for tests, demos and benchmarks).
     Simulate(crate::sim::SimulateArgs),
 }
@@ -73,7 +79,9 @@ pub fn main() -> ExitCode {
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone());
         match cli.command {
-            Command::Feed(args) => run_feed(args, shutdown).await,
+            Command::Feed(args) => run_pipelines(args, Pipelines::Feed, shutdown).await,
+            Command::Rescan(args) => run_pipelines(args, Pipelines::Rescan, shutdown).await,
+            Command::Run(args) => run_pipelines(args, Pipelines::Enabled, shutdown).await,
             Command::Simulate(args) => {
                 crate::logging::init(&crate::config::LogConfig::default());
                 match crate::sim::run(args, shutdown).await {
@@ -99,14 +107,44 @@ fn load_config(path: &std::path::Path) -> Result<Config, Exit> {
     })
 }
 
-async fn run_feed(args: ConfigArgs, shutdown: CancellationToken) -> Exit {
+/// Which pipelines a command runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pipelines {
+    Feed,
+    Rescan,
+    /// Every pipeline the configuration enables.
+    Enabled,
+}
+
+/// A pipeline's way of ending.
+enum Ended {
+    Feed(Result<(), FeedError>),
+    Rescan(Result<(), RescanError>),
+}
+
+async fn run_pipelines(args: ConfigArgs, which: Pipelines, shutdown: CancellationToken) -> Exit {
     let config = match load_config(&args.config) {
         Ok(c) => Arc::new(c),
         Err(code) => return code,
     };
     crate::logging::init(&config.log);
-    if !config.feed.enabled {
+    let (feed, rescan) = match which {
+        Pipelines::Feed => (true, false),
+        Pipelines::Rescan => (false, true),
+        Pipelines::Enabled => (config.feed.enabled, config.rescan.enabled),
+    };
+    if feed && !config.feed.enabled {
         eprintln!("error: feed.enabled is false: nothing to run");
+        return Exit::Usage;
+    }
+    if rescan && !config.rescan.enabled {
+        eprintln!(
+            "error: the rescan consumer is not enabled: add a [rescan] section (or rescan.enabled = true)"
+        );
+        return Exit::Usage;
+    }
+    if !feed && !rescan {
+        eprintln!("error: no pipeline is enabled: enable [feed] or [rescan]");
         return Exit::Usage;
     }
     let metrics = Metrics::new();
@@ -120,45 +158,70 @@ async fn run_feed(args: ConfigArgs, shutdown: CancellationToken) -> Exit {
     }
     info!(
         version = env!("CARGO_PKG_VERSION"),
-        topic = %config.feed.topic,
-        delivery = ?config.feed.delivery,
-        "feed worker starting"
+        feed, rescan, "sandbox-bridge starting"
     );
-    let worker = FeedWorker::new(config, Arc::new(SystemClock), metrics.feed.clone())
-        .with_readiness(readiness);
-    let task = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { worker.run(shutdown).await }
-    });
-    let result = tokio::select! {
-        r = task => r,
-        _ = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_TIMEOUT).await;
-        } => {
-            error!("shutdown did not finish within {SHUTDOWN_TIMEOUT:?}; exiting");
-            return Exit::Failed;
-        }
+    // One pipeline failing for good stops the others too.
+    let stop_all = shutdown.child_token();
+    let mut tasks = tokio::task::JoinSet::new();
+    if feed {
+        let worker = FeedWorker::new(config.clone(), Arc::new(SystemClock), metrics.feed.clone())
+            .with_readiness(readiness.clone());
+        let token = stop_all.clone();
+        tasks.spawn(async move { Ended::Feed(worker.run(token).await) });
+    }
+    if rescan {
+        let worker = RescanWorker::new(config.clone(), metrics.rescan.clone())
+            .with_readiness(readiness.clone());
+        let token = stop_all.clone();
+        tasks.spawn(async move { Ended::Rescan(worker.run(token).await) });
+    }
+    let mut exit = Exit::Ok;
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_TIMEOUT).await;
     };
-    match result {
-        Ok(Ok(())) => {
-            info!("feed worker stopped");
-            Exit::Ok
-        }
-        Ok(Err(e @ FeedError::Fenced(_))) => {
-            error!("{e}");
-            Exit::Fenced
-        }
-        Ok(Err(e)) => {
-            error!("{e}");
-            eprintln!("error: {e}");
-            Exit::Failed
-        }
-        Err(e) => {
-            error!("feed worker crashed: {e}");
-            Exit::Failed
+    tokio::pin!(deadline);
+    loop {
+        let next = tokio::select! {
+            n = tasks.join_next() => n,
+            _ = &mut deadline => {
+                error!("shutdown did not finish within {SHUTDOWN_TIMEOUT:?}; exiting");
+                return Exit::Failed;
+            }
+        };
+        let Some(ended) = next else { break };
+        let code = match ended {
+            Ok(Ended::Feed(Ok(()))) => {
+                info!("feed worker stopped");
+                Exit::Ok
+            }
+            Ok(Ended::Rescan(Ok(()))) => {
+                info!("rescan consumer stopped");
+                Exit::Ok
+            }
+            Ok(Ended::Feed(Err(e @ FeedError::Fenced(_)))) => {
+                error!("{e}");
+                Exit::Fenced
+            }
+            Ok(Ended::Feed(Err(e))) => failed(&e),
+            Ok(Ended::Rescan(Err(e))) => failed(&e),
+            Err(e) => {
+                error!("a pipeline crashed: {e}");
+                Exit::Failed
+            }
+        };
+        if code != Exit::Ok {
+            exit = code;
+            stop_all.cancel();
         }
     }
+    exit
+}
+
+fn failed(e: &dyn std::fmt::Display) -> Exit {
+    error!("{e}");
+    eprintln!("error: {e}");
+    Exit::Failed
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

@@ -43,11 +43,76 @@ pub struct FeedMetrics {
     pub pipeline_restarts: IntCounter,
 }
 
+/// Result statuses of rescan requests.
+pub const RESCAN_STATUSES: &[&str] = &["accepted", "rejected", "invalid", "failed"];
+/// Error kinds in rescan results (`none` for results without an error).
+pub const RESCAN_ERROR_KINDS: &[&str] = &[
+    "none",
+    "validation",
+    "not_json",
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "legal",
+    "retries_exhausted",
+    "tls",
+    "reply_topic_not_allowed",
+    "unexpected_status",
+];
+/// Classes of API responses, for the latency histogram.
+pub const RESPONSE_CLASSES: &[&str] = &["2xx", "4xx", "5xx", "timeout", "tls", "network"];
+
+/// All series of the rescan consumer.
+#[derive(Clone)]
+pub struct RescanMetrics {
+    pub requests: IntCounterVec,
+    pub api_seconds: HistogramVec,
+    pub retries: IntCounter,
+    pub in_flight: IntGauge,
+    pub buffered: IntGauge,
+    pub duplicates: IntCounter,
+    pub paused: IntGauge,
+    pub consumer_lag: IntGaugeVec,
+    pub consumer_lag_sum: IntGauge,
+    pub certificate_expiry_seconds: IntGauge,
+    pub transaction_aborts: IntCounter,
+    pub dlq_records: IntCounter,
+    pub delivery_errors: IntCounter,
+}
+
+impl RescanMetrics {
+    /// Counts a result by status and error kind (`none` when there is no error).
+    pub fn count_result(&self, status: &str, kind: Option<&str>) {
+        self.requests
+            .with_label_values(&[status, kind.unwrap_or("none")])
+            .inc();
+    }
+
+    /// Times an API call by response class.
+    pub fn observe_call(
+        &self,
+        r: &Result<crate::rescan::api::ApiAnswer, crate::rescan::api::CallError>,
+        secs: f64,
+    ) {
+        use crate::rescan::api::CallError;
+        let class = match r {
+            Ok(a) if a.status < 300 => "2xx",
+            Ok(a) if a.status < 500 => "4xx",
+            Ok(_) => "5xx",
+            Err(CallError::Timeout) => "timeout",
+            Err(CallError::Tls(_)) => "tls",
+            Err(_) => "network",
+        };
+        self.api_seconds.with_label_values(&[class]).observe(secs);
+    }
+}
+
 /// The registry plus every catalogue section.
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
     pub feed: FeedMetrics,
+    pub rescan: RescanMetrics,
 }
 
 fn name(n: &str) -> String {
@@ -214,7 +279,12 @@ impl Metrics {
                 "Times the publishing pipeline restarted from the committed position after an error.",
             ),
         };
-        Metrics { registry: r, feed }
+        let rescan = rescan_metrics(&r);
+        Metrics {
+            registry: r,
+            feed,
+            rescan,
+        }
     }
 
     /// The Prometheus text exposition of every series.
@@ -230,6 +300,108 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+fn rescan_metrics(r: &Registry) -> RescanMetrics {
+    let requests = register(
+        r,
+        IntCounterVec::new(
+            Opts::new(
+                name("rescan_requests_total"),
+                "Rescan requests by result status and error kind.",
+            ),
+            &["status", "kind"],
+        )
+        .expect("valid metric"),
+    );
+    for status in RESCAN_STATUSES {
+        for kind in RESCAN_ERROR_KINDS {
+            requests.with_label_values(&[*status, *kind]);
+        }
+    }
+    let api_seconds = register(
+        r,
+        HistogramVec::new(
+            HistogramOpts::new(
+                name("rescan_api_duration_seconds"),
+                "KTIP API call latency by response class.",
+            )
+            .buckets(vec![
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["class"],
+        )
+        .expect("valid metric"),
+    );
+    for c in RESPONSE_CLASSES {
+        api_seconds.with_label_values(&[*c]);
+    }
+    let consumer_lag = register(
+        r,
+        IntGaugeVec::new(
+            Opts::new(
+                name("rescan_consumer_lag_records"),
+                "Records of the requests topic behind its high watermark, per partition owned.",
+            ),
+            &["partition"],
+        )
+        .expect("valid metric"),
+    );
+    RescanMetrics {
+        requests,
+        api_seconds,
+        retries: counter(
+            r,
+            "rescan_api_retries_total",
+            "KTIP API calls repeated after a retryable failure.",
+        ),
+        in_flight: gauge(
+            r,
+            "rescan_requests_in_flight",
+            "KTIP API calls in progress.",
+        ),
+        buffered: gauge(
+            r,
+            "rescan_requests_buffered",
+            "Requests taken from Kafka and not yet committed.",
+        ),
+        duplicates: counter(
+            r,
+            "rescan_duplicates_total",
+            "Requests answered from an earlier request_id.",
+        ),
+        paused: gauge(
+            r,
+            "rescan_paused",
+            "1 while rescan requests are paused after repeated authentication failures.",
+        ),
+        consumer_lag,
+        consumer_lag_sum: gauge(
+            r,
+            "rescan_consumer_lag_records_sum",
+            "Records of the requests topic behind the high watermark, all partitions owned.",
+        ),
+        certificate_expiry_seconds: gauge(
+            r,
+            "rescan_client_certificate_expiry_timestamp_seconds",
+            "When the KTIP client certificate expires (Unix seconds; 0 when none is configured).",
+        ),
+        transaction_aborts: counter(
+            r,
+            "rescan_transaction_aborts_total",
+            "Kafka transactions aborted.",
+        ),
+        dlq_records: counter(
+            r,
+            "rescan_dlq_records_total",
+            "Requests sent to the dead-letter topic.",
+        ),
+        delivery_errors: counter(
+            r,
+            "rescan_delivery_errors_total",
+            "Kafka records whose delivery failed.",
+        ),
     }
 }
 

@@ -7,6 +7,7 @@
 //! they cannot be printed.
 
 mod raw;
+mod rescan;
 mod secret;
 
 use std::collections::BTreeMap;
@@ -14,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use rescan::RescanConfig;
 pub use secret::{KafkaProperties, Secret, is_sensitive_property};
 
 use crate::minute::Minute;
@@ -32,7 +34,7 @@ pub enum ConfigError {
     Invalid { key: String, reason: String },
 }
 
-fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
         reason: reason.into(),
@@ -43,6 +45,7 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
 pub struct Config {
     pub kafka: KafkaConfig,
     pub feed: FeedConfig,
+    pub rescan: RescanConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
@@ -186,12 +189,19 @@ impl Config {
             message: e.to_string().trim_end().to_string(),
         })?;
         let kafka = check_kafka(raw.kafka)?;
-        let feed = check_feed(raw.feed.unwrap_or_default(), base_dir, env)?;
+        // A file without [feed] and [rescan] runs the feed worker; a section
+        // present means that pipeline is enabled unless it says otherwise.
+        let feed_by_default = raw.feed.is_some() || raw.rescan.is_none();
+        let mut raw_feed = raw.feed.unwrap_or_default();
+        raw_feed.enabled = raw_feed.enabled.or(Some(feed_by_default));
+        let feed = check_feed(raw_feed, base_dir, env)?;
+        let rescan = rescan::check_rescan(raw.rescan, base_dir, env)?;
         let metrics = check_metrics(raw.metrics.unwrap_or_default())?;
         let log = check_log(raw.log.unwrap_or_default())?;
         Ok(Config {
             kafka,
             feed,
+            rescan,
             metrics,
             log,
         })
@@ -255,7 +265,7 @@ fn check_kafka(raw: Option<raw::RawKafka>) -> Result<KafkaConfig, ConfigError> {
     })
 }
 
-fn check_topic(key: &str, name: String) -> Result<String, ConfigError> {
+pub(crate) fn check_topic(key: &str, name: String) -> Result<String, ConfigError> {
     let valid = !name.is_empty()
         && name.len() <= 249
         && name != "."
@@ -273,7 +283,7 @@ fn check_topic(key: &str, name: String) -> Result<String, ConfigError> {
     }
 }
 
-fn check_range<T: PartialOrd + std::fmt::Display + Copy>(
+pub(crate) fn check_range<T: PartialOrd + std::fmt::Display + Copy>(
     key: &str,
     v: T,
     lo: T,
@@ -289,7 +299,7 @@ fn check_range<T: PartialOrd + std::fmt::Display + Copy>(
     }
 }
 
-fn check_duration(
+pub(crate) fn check_duration(
     key: &str,
     v: Duration,
     lo: Duration,
@@ -310,7 +320,11 @@ fn check_duration(
     }
 }
 
-fn read_secret_file(key: &str, path: &Path, base_dir: &Path) -> Result<Secret, ConfigError> {
+pub(crate) fn read_secret_file(
+    key: &str,
+    path: &Path,
+    base_dir: &Path,
+) -> Result<Secret, ConfigError> {
     let path = base_dir.join(path);
     let text = std::fs::read_to_string(&path)
         .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
@@ -321,38 +335,65 @@ fn read_secret_file(key: &str, path: &Path, base_dir: &Path) -> Result<Secret, C
     Ok(Secret::new(value))
 }
 
+/// An http(s) URL with a host, without a trailing slash.
+pub(crate) fn check_base_url(
+    key: &str,
+    value: Option<String>,
+    default: &str,
+) -> Result<String, ConfigError> {
+    let url = value.unwrap_or_else(|| default.to_string());
+    let parsed = reqwest::Url::parse(&url)
+        .map_err(|e| invalid(key, format!("`{url}` is not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+        return Err(invalid(key, "must be an http(s) URL with a host"));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+/// Where a secret may come from: the file itself, a file it names, or the environment.
+pub(crate) struct SecretSources {
+    key: &'static str,
+    value: Option<String>,
+    file: Option<PathBuf>,
+    env_var: &'static str,
+}
+
+impl SecretSources {
+    pub(crate) fn resolve(
+        self,
+        base_dir: &Path,
+        env: &dyn Environment,
+    ) -> Result<Option<Secret>, ConfigError> {
+        let key = self.key;
+        match (self.value, self.file) {
+            (Some(_), Some(_)) => Err(invalid(
+                key,
+                format!("set either {key} or {key}_file, not both"),
+            )),
+            (Some(v), None) if v.is_empty() => Err(invalid(key, "is empty")),
+            (Some(v), None) => Ok(Some(Secret::new(v))),
+            (None, Some(path)) => {
+                read_secret_file(&format!("{key}_file"), &path, base_dir).map(Some)
+            }
+            (None, None) => Ok(env.var(self.env_var).map(Secret::new)),
+        }
+    }
+}
+
 fn check_feed(
     raw: raw::RawFeed,
     base_dir: &Path,
     env: &dyn Environment,
 ) -> Result<FeedConfig, ConfigError> {
     let enabled = raw.enabled.unwrap_or(true);
-    let base_url = raw
-        .base_url
-        .unwrap_or_else(|| "https://www.virustotal.com".to_string());
-    let parsed = reqwest::Url::parse(&base_url)
-        .map_err(|e| invalid("feed.base_url", format!("`{base_url}` is not a URL: {e}")))?;
-    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-        return Err(invalid(
-            "feed.base_url",
-            "must be an http(s) URL with a host",
-        ));
-    }
-    let base_url = base_url.trim_end_matches('/').to_string();
-
-    let api_key = match (raw.api_key, raw.api_key_file) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                "feed.api_key",
-                "set either feed.api_key or feed.api_key_file, not both",
-            ));
-        }
-        (Some(k), None) if k.is_empty() => return Err(invalid("feed.api_key", "is empty")),
-        (Some(k), None) => Some(Secret::new(k)),
-        (None, Some(path)) => Some(read_secret_file("feed.api_key_file", &path, base_dir)?),
-        (None, None) => env.var("VT_API_KEY").map(Secret::new),
+    let base_url = check_base_url("feed.base_url", raw.base_url, "https://www.virustotal.com")?;
+    let sources = SecretSources {
+        key: "feed.api_key",
+        value: raw.api_key,
+        file: raw.api_key_file,
+        env_var: "VT_API_KEY",
     };
-    let api_key = match api_key {
+    let api_key = match sources.resolve(base_dir, env)? {
         Some(k) => k,
         None if !enabled => Secret::new(String::new()),
         None => {

@@ -2,8 +2,7 @@
 //!
 //! Stages, one module each: `fetch`/`api` (download minutes ahead, retrying),
 //! `spool` (hold a download), `decode` (bzip2 on all cores), `lines` and
-//! `classify` (pure line handling), `pipeline` and `producer` (Kafka
-//! transactions), `state`/`state_store` (the durable position), `missing`
+//! `classify` (pure line handling), `pipeline` (Kafka transactions), `state`/`state_store` (the durable position), `missing`
 //! (runs of 404s) and `worker` (the walk over the minutes).
 
 pub mod api;
@@ -14,7 +13,6 @@ pub mod fetch;
 pub mod lines;
 pub mod missing;
 pub mod pipeline;
-pub mod producer;
 pub mod spool;
 pub mod state;
 pub mod state_store;

@@ -41,10 +41,9 @@ use super::classify::{
 };
 use super::decode::{DecodeError, ParallelDecoder};
 use super::lines::{Line, LineSplitter};
-use super::producer::FeedProducer;
 use super::spool::Spool;
 use super::state::FeedState;
-use crate::config::Delivery;
+use crate::kafka::producer::TxProducer;
 use crate::metrics::{FeedMetrics, observe_stage};
 use crate::minute::Minute;
 
@@ -149,7 +148,7 @@ enum Work {
 impl Pipeline {
     pub fn start(
         settings: PipelineSettings,
-        producer: Arc<FeedProducer>,
+        producer: Arc<TxProducer>,
         metrics: FeedMetrics,
     ) -> (Pipeline, mpsc::UnboundedReceiver<Report>) {
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(1);
@@ -220,7 +219,7 @@ fn decode_loop(decoder: ParallelDecoder, mut jobs: mpsc::Receiver<Job>, work: Se
 struct Publisher {
     settings: PipelineSettings,
     classifier: LineClassifier,
-    producer: Arc<FeedProducer>,
+    producer: Arc<TxProducer>,
     metrics: FeedMetrics,
     reports: mpsc::UnboundedSender<Report>,
     stop: Arc<AtomicBool>,
@@ -357,7 +356,7 @@ impl Publisher {
     }
 
     fn begin(&self) -> Result<(), Halt> {
-        if self.producer.delivery == Delivery::ExactlyOnce {
+        if self.producer.is_transactional() {
             self.producer.begin()?;
             self.in_transaction.set(true);
         }
@@ -367,13 +366,13 @@ impl Publisher {
     /// Writes the state record and makes the whole job durable.
     fn commit(&self, state: &FeedState) -> Result<(), PipelineError> {
         let timeout = self.settings.commit_timeout;
-        match self.producer.delivery {
-            Delivery::ExactlyOnce => {
+        match self.producer.is_transactional() {
+            true => {
                 self.send_state(state)?;
                 self.producer.commit(timeout)?;
                 self.in_transaction.set(false);
             }
-            Delivery::AtLeastOnce => {
+            false => {
                 let before = self.producer.delivery_errors();
                 self.producer.flush(timeout)?;
                 self.check_delivered(before)?;

@@ -27,12 +27,12 @@ use super::api::{FeedClient, FetchError, Fetched};
 use super::fetch::{Prefetcher, RetryPolicy, fetch_with_retry};
 use super::missing::{MissingRuns, OnMissing};
 use super::pipeline::{BatchJob, Job, Origin, Pipeline, PipelineError, PipelineSettings, Report};
-use super::producer::{FeedProducer, KafkaFailure, classify_kafka_error};
 use super::state::{FeedState, GapReason};
 use super::state_store::{StateLoadError, load_state};
 use crate::clock::SharedClock;
-use crate::config::{Config, FeedConfig, MissingPolicy};
+use crate::config::{Config, Delivery, FeedConfig, MissingPolicy};
 use crate::http::Readiness;
+use crate::kafka::producer::{KafkaFailure, ProducerSettings, TxProducer, classify_kafka_error};
 use crate::kafka::{TopicError, TopicSpec, client_config, ensure_topics};
 use crate::metrics::FeedMetrics;
 use crate::minute::{FeedWindow, Minute, MinuteRange};
@@ -193,12 +193,16 @@ impl FeedWorker {
         shutdown: &CancellationToken,
         progress: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<(), Stop> {
-        let (kafka, feed, metrics) = (
-            self.config.kafka.clone(),
-            self.feed().clone(),
-            self.metrics.clone(),
-        );
-        let producer = blocking(move || FeedProducer::create(&kafka, &feed, &metrics)).await?;
+        let kafka = self.config.kafka.clone();
+        let settings = ProducerSettings {
+            transactional_id: (self.feed().delivery == Delivery::ExactlyOnce)
+                .then(|| self.feed().transactional_id.clone()),
+            max_message_bytes: self.feed().max_message_bytes,
+            transaction_timeout: self.feed().transaction_timeout,
+        };
+        let delivery_errors = self.metrics.delivery_errors.clone();
+        let producer =
+            blocking(move || TxProducer::create(&kafka, &settings, delivery_errors)).await?;
         let producer = Arc::new(producer);
         let (config, f) = (client_config(&self.config.kafka, &[]), self.feed().clone());
         let timeout = self

@@ -1,9 +1,9 @@
-//! The feed worker's Kafka producer.
+//! The producer both pipelines write with.
 //!
-//! Exactly-once: a transactional producer (`transactional.id` from the
-//! config). `init_transactions` at creation fences any older instance with
-//! the same id and aborts its open transaction. At-least-once: an idempotent
-//! producer without transactions, for clusters that do not allow them.
+//! Transactional (exactly-once): `init_transactions` at creation fences any
+//! older instance with the same `transactional.id` and aborts its open
+//! transaction. Without a transactional id: an idempotent producer, for
+//! clusters that do not allow transactions (at-least-once).
 //! Records are partitioned with `murmur2_random`, so keys land where Java
 //! clients would put them. The local queue is capped so memory stays bounded
 //! whatever the batch size.
@@ -17,25 +17,26 @@ use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, PurgeConfig};
 use tracing::{error, warn};
 
-use crate::config::{Delivery, FeedConfig, KafkaConfig};
+use prometheus::IntCounter;
+
+use crate::config::KafkaConfig;
 use crate::kafka::client_config;
-use crate::metrics::FeedMetrics;
 
 /// Counts delivery failures; transactions catch them at commit, at-least-once checks the count.
-pub struct FeedProducerContext {
+pub struct DeliveryCounter {
     delivery_errors: AtomicU64,
-    metrics: FeedMetrics,
+    metric: IntCounter,
 }
 
-impl ClientContext for FeedProducerContext {}
+impl ClientContext for DeliveryCounter {}
 
-impl ProducerContext for FeedProducerContext {
+impl ProducerContext for DeliveryCounter {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Err((e, _)) = result {
             let first = self.delivery_errors.fetch_add(1, Ordering::Relaxed) == 0;
-            self.metrics.delivery_errors.inc();
+            self.metric.inc();
             if first {
                 warn!(error = %e, "a record could not be delivered to Kafka");
             }
@@ -43,7 +44,7 @@ impl ProducerContext for FeedProducerContext {
     }
 }
 
-pub type RawProducer = BaseProducer<FeedProducerContext>;
+pub type RawProducer = BaseProducer<DeliveryCounter>;
 
 /// Classifies a Kafka error for the worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,49 +86,63 @@ pub fn classify_kafka_error(e: &KafkaError, fatal_cause: Option<RDKafkaErrorCode
     }
 }
 
-/// A ready producer and how it delivers.
-pub struct FeedProducer {
-    pub inner: RawProducer,
-    pub delivery: Delivery,
+/// What a producer is for.
+#[derive(Debug, Clone)]
+pub struct ProducerSettings {
+    /// `Some`: transactional (exactly-once); `None`: idempotent only.
+    pub transactional_id: Option<String>,
+    pub max_message_bytes: usize,
+    pub transaction_timeout: Duration,
 }
 
-impl FeedProducer {
+/// A ready producer.
+pub struct TxProducer {
+    pub inner: RawProducer,
+    transactional: bool,
+}
+
+impl TxProducer {
     /// Creates the producer; with transactions, fences older instances (blocking).
     pub fn create(
         kafka: &KafkaConfig,
-        feed: &FeedConfig,
-        metrics: &FeedMetrics,
-    ) -> Result<FeedProducer, KafkaError> {
+        settings: &ProducerSettings,
+        delivery_errors: IntCounter,
+    ) -> Result<TxProducer, KafkaError> {
         let mut defaults: Vec<(&str, String)> = vec![
             ("partitioner", "murmur2_random".into()),
             ("acks", "all".into()),
             ("enable.idempotence", "true".into()),
             ("linger.ms", "20".into()),
             ("compression.type", "lz4".into()),
-            ("message.max.bytes", feed.max_message_bytes.to_string()),
+            ("message.max.bytes", settings.max_message_bytes.to_string()),
             // Bounded local queue: at most this much waits in librdkafka.
             ("queue.buffering.max.kbytes", "32768".into()),
             ("queue.buffering.max.messages", "50000".into()),
         ];
-        if feed.delivery == Delivery::ExactlyOnce {
-            defaults.push(("transactional.id", feed.transactional_id.clone()));
+        if let Some(id) = &settings.transactional_id {
+            defaults.push(("transactional.id", id.clone()));
             defaults.push((
                 "transaction.timeout.ms",
-                feed.transaction_timeout.as_millis().to_string(),
+                settings.transaction_timeout.as_millis().to_string(),
             ));
         }
-        let context = FeedProducerContext {
+        let context = DeliveryCounter {
             delivery_errors: AtomicU64::new(0),
-            metrics: metrics.clone(),
+            metric: delivery_errors,
         };
         let inner: RawProducer = client_config(kafka, &defaults).create_with_context(context)?;
-        if feed.delivery == Delivery::ExactlyOnce {
+        let transactional = settings.transactional_id.is_some();
+        if transactional {
             inner.init_transactions(kafka.operation_timeout.max(Duration::from_secs(30)))?;
         }
-        Ok(FeedProducer {
+        Ok(TxProducer {
             inner,
-            delivery: feed.delivery,
+            transactional,
         })
+    }
+
+    pub fn is_transactional(&self) -> bool {
+        self.transactional
     }
 
     /// The error that made the producer unusable, if one did.
@@ -185,7 +200,7 @@ impl FeedProducer {
     /// Aborts the open transaction, logging (not returning) a failure: the
     /// next `init_transactions` aborts it anyway.
     pub fn abort(&self, timeout: Duration) {
-        if self.delivery != Delivery::ExactlyOnce {
+        if !self.transactional {
             return;
         }
         // abort_transaction waits until every outstanding record is purged or

@@ -20,6 +20,8 @@ use tracing::{info, warn};
 
 use crate::config::KafkaConfig;
 
+pub mod producer;
+
 /// A client configuration: bootstrap servers, `defaults`, then the operator's properties.
 pub fn client_config(kafka: &KafkaConfig, defaults: &[(&str, String)]) -> ClientConfig {
     let mut c = ClientConfig::new();
