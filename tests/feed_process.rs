@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::process::{BIN, Proc};
 use common::*;
 use rand::Rng;
 use sandbox_bridge::clock::{Clock, SharedClock, SystemClock};
@@ -16,8 +17,6 @@ use sandbox_bridge::minute::{FeedWindow, Minute};
 use sandbox_bridge::sim::vt::{
     BatchSettings, FeedSimHandle, FeedSimSettings, FeedSimulator, MinuteSet,
 };
-
-const BIN: &str = env!("CARGO_BIN_EXE_sandbox-bridge");
 
 async fn start_sim(batches: BatchSettings) -> FeedSimHandle {
     let clock: SharedClock = Arc::new(SystemClock);
@@ -30,72 +29,6 @@ async fn start_sim(batches: BatchSettings) -> FeedSimHandle {
     FeedSimulator::start(settings, clock, any, any)
         .await
         .unwrap()
-}
-
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(config: &Path, log: &Path, env: &[(&str, &str)]) -> Proc {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.arg("feed")
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .env_remove("RUST_LOG");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Proc {
-            child: cmd.spawn().expect("start sandbox-bridge"),
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for the exit status (a hang guard, not a timing assertion).
-    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
-    }
-}
-
-impl Drop for Proc {
-    /// A failed test must not leave a worker running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn write_config(dir: &Path, text: &str) -> PathBuf {
@@ -154,7 +87,7 @@ async fn kill_9_at_random_points_loses_and_duplicates_nothing() {
     let mut killed_with_progress = 0;
     for round in 0..6 {
         let before = saved_state(&bootstrap(), &names).map(|s| s.next);
-        let mut p = Proc::spawn(&config, &log, &[]);
+        let mut p = Proc::spawn("feed", &config, &log, &[]);
         let wait_ms = rng.random_range(300..2500);
         tokio::time::sleep(Duration::from_millis(wait_ms)).await;
         p.signal("-KILL");
@@ -166,7 +99,7 @@ async fn kill_9_at_random_points_loses_and_duplicates_nothing() {
         eprintln!("round {round}: killed after {wait_ms} ms; position {before:?} -> {after:?}");
     }
 
-    let mut p = Proc::spawn(&config, &log, &[]);
+    let mut p = Proc::spawn("feed", &config, &log, &[]);
     let last = FeedWindow::at(SystemClock.now(), 0).newest;
     wait_saved_through(&names, last, &mut p).await;
     p.signal("-TERM");
@@ -194,7 +127,7 @@ async fn sigterm_mid_batch_exits_zero_and_the_next_run_completes_the_feed() {
     );
     let log = dir.path().join("worker.log");
 
-    let mut p = Proc::spawn(&config, &log, &[]);
+    let mut p = Proc::spawn("feed", &config, &log, &[]);
     // Wait for the first batch to be under way, then ask it to stop.
     wait_until(Duration::from_secs(60), || {
         p.log_text().contains("batch published")
@@ -205,7 +138,7 @@ async fn sigterm_mid_batch_exits_zero_and_the_next_run_completes_the_feed() {
     assert_eq!(status.code(), Some(0), "log:\n{}", p.log_text());
     assert!(p.log_text().contains("feed worker stopped"));
 
-    let mut p = Proc::spawn(&config, &log, &[]);
+    let mut p = Proc::spawn("feed", &config, &log, &[]);
     let last = FeedWindow::at(SystemClock.now(), 0).newest;
     wait_saved_through(&names, last, &mut p).await;
     p.signal("-INT");
@@ -233,7 +166,7 @@ async fn no_secret_reaches_the_logs_even_at_trace_level() {
         );
     let config = write_config(dir.path(), &text);
     let log = dir.path().join("worker.log");
-    let mut p = Proc::spawn(&config, &log, &[("RUST_LOG", "trace")]);
+    let mut p = Proc::spawn("feed", &config, &log, &[("RUST_LOG", "trace")]);
     wait_saved_through(&names, newest, &mut p).await;
     p.signal("-TERM");
     p.wait(Duration::from_secs(40));

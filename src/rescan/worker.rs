@@ -320,6 +320,9 @@ impl RescanWorker {
 
         let dispatcher = tokio::spawn(dispatch(jobs_rx, executor.clone(), done_tx));
         let stop = Arc::new(AtomicBool::new(false));
+        // Dropped with this future (a cancelled task, a runtime shutting
+        // down): the consumer thread stops too instead of running on.
+        let _stop_on_drop = StopOnDrop(stop.clone());
         let gate_rx = executor.gate().watch();
         let mut thread = tokio::task::spawn_blocking({
             let stop = stop.clone();
@@ -338,6 +341,14 @@ impl RescanWorker {
             Ok(r) => r.map_err(RescanError::from),
             Err(_) => Err(ConsumerError::ExecutorGone.into()),
         }
+    }
+}
+
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 

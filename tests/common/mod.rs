@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod process;
+pub mod rescan;
 
 use std::path::Path;
 use std::sync::Arc;
