@@ -632,3 +632,59 @@ async fn persistent_401_pauses_then_resumes() {
     worker.stop().await.unwrap();
     sim.shutdown().await;
 }
+
+/// Instances join and leave the group while calls are in flight: every
+/// request message still gets exactly one result.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_added_and_one_removed_mid_flight() {
+    let sim = start_ktip(KtipSimSettings {
+        latency: Duration::from_millis(50),
+        ..KtipSimSettings::default()
+    })
+    .await;
+    let names = RescanNames::new("rescan-group");
+    let boot = bootstrap();
+    let kafka_extra = "\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 500";
+    let config = |instance: &str| {
+        parse_rescan_config(&rescan_config_text(
+            &boot,
+            &sim,
+            &names,
+            instance,
+            "max_in_flight = 4",
+            kafka_extra,
+        ))
+    };
+    let total = 600;
+    let reqs: Vec<Req> = (0..total)
+        .map(|i| Req::json(&format!("key-{i}"), valid(&format!("g-{i}"))))
+        .collect();
+    publish(&boot, &names.requests, &reqs).await;
+    let a = spawn_rescan(config("a"));
+    wait_until(Duration::from_secs(60), || a.committed_results() >= 50).await;
+    let b = spawn_rescan(config("b"));
+    wait_until(Duration::from_secs(60), || b.committed_results() >= 50).await;
+    assert!(
+        sim.stats().requests(200) < total as u64,
+        "A leaves with work left"
+    );
+    a.stop().await.expect("A stops cleanly");
+    let c = spawn_rescan(config("c"));
+    let results = wait_results(&boot, &names.results, total, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let late = read_results(&boot, &names.results);
+    assert_eq!(late.len(), results.len(), "no late duplicate");
+    let mut per_key: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &results {
+        assert_eq!(r.status(), "accepted", "{}", r.json);
+        *per_key
+            .entry(r.record.key_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(per_key.len(), total, "every request message has a result");
+    assert!(per_key.values().all(|n| *n == 1), "no duplicate result");
+    assert!(c.committed_results() + b.committed_results() > 0);
+    b.stop().await.unwrap();
+    c.stop().await.unwrap();
+    sim.shutdown().await;
+}

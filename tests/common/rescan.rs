@@ -92,6 +92,7 @@ retry_max_backoff = "200ms"
 retry_deadline = "10s"
 probe_interval = "200ms"
 commit_interval = "100ms"
+max_requests_per_minute = 60000
 {extra}
 [metrics]
 listen = "off"
@@ -195,8 +196,10 @@ impl Req {
     }
 }
 
-/// Publishes requests (acks=all, in order) and waits for every acknowledgement.
+/// Publishes requests (acks=all, in order) and waits for every
+/// acknowledgement; creates the topic (3 partitions) if needed.
 pub async fn publish(bootstrap: &str, topic: &str, reqs: &[Req]) {
+    super::kafka::create_topic(bootstrap, topic, 3).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("acks", "all")
