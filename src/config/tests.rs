@@ -248,3 +248,128 @@ fn every_shipped_example_loads() {
     }
     assert!(seen > 0, "no example configuration under config/");
 }
+
+const RESCAN_ONLY: &str = r#"
+[kafka]
+bootstrap_servers = "localhost:9092"
+[rescan]
+username = "alice"
+password = "ktip-secret-pw"
+"#;
+
+#[test]
+fn a_rescan_section_alone_runs_only_the_consumer_with_working_defaults() {
+    let c = parse(RESCAN_ONLY).unwrap();
+    assert!(!c.feed.enabled, "no [feed] section: the feed worker is off");
+    let r = &c.rescan;
+    assert!(r.enabled);
+    assert_eq!(r.base_url, "https://tip.kaspersky.com");
+    assert_eq!(r.requests_topic, "ktip.rescan.requests");
+    assert_eq!(r.results_topic, "ktip.rescan.results");
+    assert_eq!(r.dlq_topic, "ktip.rescan.requests.dlq");
+    assert_eq!(r.group_id, "sandbox-bridge-rescan");
+    assert!(r.reply_topic_allowlist.is_empty());
+    assert_eq!((r.max_in_flight, r.max_requests_per_minute), (8, 120));
+    assert_eq!(r.client_cert, None);
+    assert_eq!(r.username.expose(), "alice");
+    assert_eq!(r.password.expose(), "ktip-secret-pw");
+    // Each instance its own transactional id: prefix plus instance.
+    assert!(
+        r.transactional_id()
+            .ends_with(&format!("-{}", r.instance_id))
+    );
+    // Without [rescan] the consumer is off and needs no credentials.
+    assert!(!parse(MINIMAL).unwrap().rescan.enabled);
+}
+
+#[test]
+fn rescan_contract_keys_and_enabled_switches_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("client.pem"), "pem").unwrap();
+    std::fs::write(dir.path().join("pw"), "from-file-pw\n").unwrap();
+    let text = r#"
+[kafka]
+bootstrap_servers = "localhost:9092"
+[feed]
+enabled = false
+api_key = "k"
+[rescan]
+base_url = "https://tip.example.net/"
+username = "bob"
+password_file = "pw"
+client_cert = "client.pem"
+ca_cert = "client.pem"
+requests_topic = "rq"
+results_topic = "rs"
+dlq_topic = "rd"
+group_id = "g1"
+reply_topic_allowlist = ["team-a.replies", "team-b.replies"]
+max_in_flight = 32
+max_requests_per_minute = 600
+instance_id = "pod-7"
+transactional_id_prefix = "rescan-tx"
+"#;
+    let c = Config::parse(text, dir.path(), &env(&[])).unwrap();
+    assert!(!c.feed.enabled && c.rescan.enabled);
+    let r = &c.rescan;
+    assert_eq!(r.password.expose(), "from-file-pw");
+    assert_eq!(r.client_cert, Some(dir.path().join("client.pem")));
+    assert_eq!(
+        (
+            r.requests_topic.as_str(),
+            r.results_topic.as_str(),
+            r.dlq_topic.as_str()
+        ),
+        ("rq", "rs", "rd")
+    );
+    assert_eq!(r.group_id, "g1");
+    assert_eq!(
+        r.reply_topic_allowlist,
+        ["team-a.replies", "team-b.replies"]
+    );
+    assert_eq!((r.max_in_flight, r.max_requests_per_minute), (32, 600));
+    assert_eq!(r.transactional_id(), "rescan-tx-pod-7");
+    // Credentials from the environment.
+    let from_env = Config::parse(
+        "[kafka]\nbootstrap_servers = \"b:9092\"\n[rescan]\n",
+        dir.path(),
+        &env(&[("KTIP_USERNAME", "carol"), ("KTIP_PASSWORD", "env-pw")]),
+    )
+    .unwrap();
+    assert_eq!(from_env.rescan.username.expose(), "carol");
+    assert_eq!(from_env.rescan.password.expose(), "env-pw");
+    assert!(
+        format!("{from_env:?}").find("env-pw").is_none(),
+        "Debug hides the password"
+    );
+}
+
+#[test]
+fn invalid_rescan_values_name_the_key_and_never_the_password() {
+    for (extra, key) in [
+        ("max_in_flight = 0", "rescan.max_in_flight"),
+        (
+            "max_requests_per_minute = 0",
+            "rescan.max_requests_per_minute",
+        ),
+        ("base_url = \"tip.example\"", "rescan.base_url"),
+        ("client_cert = \"/no/such/file.pem\"", "rescan.client_cert"),
+        ("group_id = \"\"", "rescan.group_id"),
+        ("instance_id = \"a/b\"", "rescan.instance_id"),
+        (
+            "reply_topic_allowlist = [\"bad topic\"]",
+            "rescan.reply_topic_allowlist",
+        ),
+        ("results_topic = \"\"", "rescan.results_topic"),
+        ("colour = \"blue\"", "colour"),
+    ] {
+        let e = error_of(&format!("{RESCAN_ONLY}{extra}\n"));
+        assert!(e.contains(key), "{extra}: {e}");
+        assert!(!e.contains("ktip-secret-pw"), "{e}");
+    }
+    let e = error_of("[kafka]\nbootstrap_servers = \"b:9092\"\n[rescan]\nusername = \"u\"\n");
+    assert!(
+        e.contains("rescan.password") && e.contains("KTIP_PASSWORD"),
+        "{e}"
+    );
+}
