@@ -241,8 +241,16 @@ fn every_shipped_example_loads() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let text = std::fs::read_to_string(&path).unwrap();
-            Config::parse(&text, &dir, &env(&[("VT_API_KEY", "example-key")]))
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            Config::parse(
+                &text,
+                &dir,
+                &env(&[
+                    ("VT_API_KEY", "example-key"),
+                    ("KTIP_USERNAME", "example-user"),
+                    ("KTIP_PASSWORD", "example-password"),
+                ]),
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             seen += 1;
         }
     }
