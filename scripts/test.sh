@@ -21,3 +21,5 @@ echo "test broker: $bootstrap" >&2
 
 cargo build --all-targets
 cargo test --all-targets "$@"
+# Dashboards, alert rules (promtool check + unit tests) and docker-compose.
+scripts/check-observability.sh

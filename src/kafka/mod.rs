@@ -127,8 +127,11 @@ pub async fn ensure_topics(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(
     }
 
     let opts = AdminOptions::new().request_timeout(Some(timeout));
+    // Topics created just now have the configuration given above; a
+    // describe may not see it yet. Check the ones that existed before.
     for spec in specs
         .iter()
+        .filter(|s| existing.contains_key(&s.name))
         .filter(|s| s.must_not_compact || s.expect_compacted)
     {
         let described = admin
@@ -153,7 +156,7 @@ pub async fn ensure_topics(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(
             });
         }
         if spec.expect_compacted && !compacted {
-            warn!(topic = %spec.name, %policy, "state topic is not compacted; it will grow until retention deletes old positions, which may delete the current one: set cleanup.policy=compact");
+            warn!(topic = %spec.name, %policy, "topic is not compacted; it grows until retention deletes old records, which may delete ones still needed: set cleanup.policy=compact");
         }
     }
     Ok(())
