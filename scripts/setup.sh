@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building, testing and benchmarking sandbox-bridge need on a
 # Debian/Ubuntu machine: C toolchain pieces for librdkafka, Java + Maven for
-# the Kafka broker, lbzip2 for the benchmark. Installs only what is missing.
+# the Kafka broker, lbzip2 for the benchmark, prometheus (the server and
+# promtool), docker-compose and jq for the observability checks and tests.
+# Installs only what is missing.
 set -euo pipefail
 
-packages=(cmake pkg-config libssl-dev libcurl4-openssl-dev zlib1g-dev lbzip2 bzip2 curl)
+packages=(cmake pkg-config libssl-dev libcurl4-openssl-dev zlib1g-dev lbzip2 bzip2 curl prometheus docker-compose jq)
 command -v java >/dev/null 2>&1 || packages+=(default-jre-headless)
 command -v mvn >/dev/null 2>&1 || packages+=(maven)
 
