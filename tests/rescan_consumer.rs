@@ -688,3 +688,40 @@ async fn an_instance_added_and_one_removed_mid_flight() {
     c.stop().await.unwrap();
     sim.shutdown().await;
 }
+
+/// An API slower than `max.poll.interval.ms` never gets the consumer evicted
+/// from its group: every call is made once and every request answered once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_api_never_gets_the_consumer_evicted() {
+    let sim = start_ktip(rules(vec![TaskRule::prefix(
+        "slow-",
+        TaskAction::Delay(Duration::from_secs(8)),
+    )]))
+    .await;
+    let names = RescanNames::new("rescan-slow");
+    let boot = bootstrap();
+    let kafka_extra = "\"session.timeout.ms\" = 6000\n\"max.poll.interval.ms\" = 6000\n\"heartbeat.interval.ms\" = 500";
+    let worker = spawn_rescan(parse_rescan_config(&rescan_config_text(
+        &boot,
+        &sim,
+        &names,
+        "a",
+        "max_in_flight = 1\nrequest_timeout = \"30s\"",
+        kafka_extra,
+    )));
+    let tasks = ["slow-1", "fast-1", "slow-2", "fast-2", "fast-3"];
+    let reqs: Vec<Req> = tasks.iter().map(|t| Req::json(t, valid(t))).collect();
+    publish(&boot, &names.requests, &reqs).await;
+    let results = wait_results(&boot, &names.results, tasks.len(), Duration::from_secs(120)).await;
+    let results = by_task(&results);
+    for t in tasks {
+        assert_eq!(results[t].status(), "accepted", "{}", results[t].json);
+        assert_eq!(
+            sim.calls_for(t),
+            1,
+            "{t} called once: no eviction, no restart"
+        );
+    }
+    worker.stop().await.unwrap();
+    sim.shutdown().await;
+}
