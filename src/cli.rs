@@ -165,7 +165,8 @@ async fn run_pipelines(args: ConfigArgs, which: Pipelines, shutdown: Cancellatio
     let mut tasks = tokio::task::JoinSet::new();
     if feed {
         let worker = FeedWorker::new(config.clone(), Arc::new(SystemClock), metrics.feed.clone())
-            .with_readiness(readiness.clone());
+            .with_readiness(readiness.clone())
+            .with_kafka_metrics(metrics.kafka.clone());
         let token = stop_all.clone();
         tasks.spawn(async move { Ended::Feed(worker.run(token).await) });
     }

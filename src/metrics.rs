@@ -107,12 +107,32 @@ impl RescanMetrics {
     }
 }
 
+/// Kafka producers' own figures, from librdkafka statistics, by `client`
+/// (`feed`, `rescan`).
+#[derive(Clone)]
+pub struct KafkaClientMetrics {
+    /// Messages waiting in the producer's local queue.
+    pub queue_messages: IntGaugeVec,
+    /// Bytes waiting in the producer's local queue.
+    pub queue_bytes: IntGaugeVec,
+    /// Transmission errors towards brokers.
+    pub tx_errors: IntCounterVec,
+    /// Requests sent again after an error.
+    pub tx_retries: IntCounterVec,
+    /// Requests that timed out.
+    pub request_timeouts: IntCounterVec,
+}
+
+/// Kafka clients reported in `client` labels.
+pub const KAFKA_CLIENTS: &[&str] = &["feed", "rescan"];
+
 /// The registry plus every catalogue section.
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
     pub feed: FeedMetrics,
     pub rescan: RescanMetrics,
+    pub kafka: KafkaClientMetrics,
 }
 
 fn name(n: &str) -> String {
@@ -280,10 +300,12 @@ impl Metrics {
             ),
         };
         let rescan = rescan_metrics(&r);
+        let kafka = kafka_client_metrics(&r);
         Metrics {
             registry: r,
             feed,
             rescan,
+            kafka,
         }
     }
 
@@ -300,6 +322,42 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+fn kafka_client_metrics(r: &Registry) -> KafkaClientMetrics {
+    let gauges = |n: &str, help: &str| {
+        let g = register(
+            r,
+            IntGaugeVec::new(Opts::new(name(n), help), &["client"]).expect("valid metric"),
+        );
+        for c in KAFKA_CLIENTS {
+            g.with_label_values(&[*c]);
+        }
+        g
+    };
+    let counters = |n: &str, help: &str| counter_vec(r, n, help, "client", KAFKA_CLIENTS);
+    KafkaClientMetrics {
+        queue_messages: gauges(
+            "kafka_producer_queue_messages",
+            "Messages waiting in the Kafka producer's local queue (librdkafka statistics).",
+        ),
+        queue_bytes: gauges(
+            "kafka_producer_queue_bytes",
+            "Bytes waiting in the Kafka producer's local queue (librdkafka statistics).",
+        ),
+        tx_errors: counters(
+            "kafka_producer_broker_tx_errors_total",
+            "Transmission errors from the producer to brokers (librdkafka statistics).",
+        ),
+        tx_retries: counters(
+            "kafka_producer_broker_tx_retries_total",
+            "Producer requests sent again after an error (librdkafka statistics).",
+        ),
+        request_timeouts: counters(
+            "kafka_producer_broker_request_timeouts_total",
+            "Producer requests to brokers that timed out (librdkafka statistics).",
+        ),
     }
 }
 

@@ -34,7 +34,7 @@ use crate::config::{Config, Delivery, FeedConfig, MissingPolicy};
 use crate::http::Readiness;
 use crate::kafka::producer::{KafkaFailure, ProducerSettings, TxProducer, classify_kafka_error};
 use crate::kafka::{TopicError, TopicSpec, client_config, ensure_topics};
-use crate::metrics::FeedMetrics;
+use crate::metrics::{FeedMetrics, KafkaClientMetrics};
 use crate::minute::{FeedWindow, Minute, MinuteRange};
 
 /// Why the worker stopped.
@@ -91,6 +91,7 @@ pub struct FeedWorker {
     clock: SharedClock,
     metrics: FeedMetrics,
     readiness: Readiness,
+    kafka_metrics: Option<KafkaClientMetrics>,
 }
 
 impl FeedWorker {
@@ -100,7 +101,14 @@ impl FeedWorker {
             clock,
             metrics,
             readiness: Readiness::default(),
+            kafka_metrics: None,
         }
+    }
+
+    /// Reports the producer's librdkafka statistics as client `feed`.
+    pub fn with_kafka_metrics(mut self, metrics: KafkaClientMetrics) -> FeedWorker {
+        self.kafka_metrics = Some(metrics);
+        self
     }
 
     /// Reports readiness (`/readyz`) under the name `feed`.
@@ -203,6 +211,9 @@ impl FeedWorker {
         let delivery_errors = self.metrics.delivery_errors.clone();
         let producer =
             blocking(move || TxProducer::create(&kafka, &settings, delivery_errors)).await?;
+        if let Some(m) = &self.kafka_metrics {
+            producer.report_statistics("feed", m.clone());
+        }
         let producer = Arc::new(producer);
         let (config, f) = (client_config(&self.config.kafka, &[]), self.feed().clone());
         let timeout = self

@@ -9,26 +9,63 @@
 //! whatever the batch size.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, PurgeConfig};
+use rdkafka::statistics::Statistics;
 use tracing::{error, warn};
 
 use prometheus::IntCounter;
 
 use crate::config::KafkaConfig;
 use crate::kafka::client_config;
+use crate::metrics::KafkaClientMetrics;
+
+/// How often librdkafka reports its statistics (queue depth, broker errors).
+const STATISTICS_INTERVAL_MS: &str = "5000";
 
 /// Counts delivery failures; transactions catch them at commit, at-least-once checks the count.
 pub struct DeliveryCounter {
     delivery_errors: AtomicU64,
     metric: IntCounter,
+    stats: OnceLock<StatsSink>,
 }
 
-impl ClientContext for DeliveryCounter {}
+/// Where librdkafka statistics go, and the broker totals last seen (they are
+/// cumulative per client; the metrics get the increase).
+struct StatsSink {
+    client: &'static str,
+    metrics: KafkaClientMetrics,
+    last: Mutex<[u64; 3]>,
+}
+
+impl ClientContext for DeliveryCounter {
+    fn stats(&self, s: Statistics) {
+        let Some(sink) = self.stats.get() else { return };
+        let m = &sink.metrics;
+        let c = [sink.client];
+        m.queue_messages.with_label_values(&c).set(s.msg_cnt as i64);
+        m.queue_bytes.with_label_values(&c).set(s.msg_size as i64);
+        let mut totals = [0u64; 3];
+        for b in s.brokers.values() {
+            totals[0] += b.txerrs;
+            totals[1] += b.txretries;
+            totals[2] += b.req_timeouts;
+        }
+        let mut last = sink.last.lock().expect("stats lock");
+        let counters = [&m.tx_errors, &m.tx_retries, &m.request_timeouts];
+        for ((total, seen), counter) in totals.iter().zip(last.iter()).zip(counters) {
+            counter
+                .with_label_values(&c)
+                .inc_by(total.saturating_sub(*seen));
+        }
+        *last = totals;
+    }
+}
 
 impl ProducerContext for DeliveryCounter {
     type DeliveryOpaque = ();
@@ -118,6 +155,7 @@ impl TxProducer {
             // Bounded local queue: at most this much waits in librdkafka.
             ("queue.buffering.max.kbytes", "32768".into()),
             ("queue.buffering.max.messages", "50000".into()),
+            ("statistics.interval.ms", STATISTICS_INTERVAL_MS.into()),
         ];
         if let Some(id) = &settings.transactional_id {
             defaults.push(("transactional.id", id.clone()));
@@ -129,6 +167,7 @@ impl TxProducer {
         let context = DeliveryCounter {
             delivery_errors: AtomicU64::new(0),
             metric: delivery_errors,
+            stats: OnceLock::new(),
         };
         let inner: RawProducer = client_config(kafka, &defaults).create_with_context(context)?;
         let transactional = settings.transactional_id.is_some();
@@ -139,6 +178,15 @@ impl TxProducer {
             inner,
             transactional,
         })
+    }
+
+    /// Reports this producer's librdkafka statistics as `client` from now on.
+    pub fn report_statistics(&self, client: &'static str, metrics: KafkaClientMetrics) {
+        let _ = self.inner.context().stats.set(StatsSink {
+            client,
+            metrics,
+            last: Mutex::new([0; 3]),
+        });
     }
 
     pub fn is_transactional(&self) -> bool {
