@@ -162,6 +162,11 @@ async fn run_pipelines(args: ConfigArgs, which: Pipelines, shutdown: Cancellatio
     );
     // One pipeline failing for good stops the others too.
     let stop_all = shutdown.child_token();
+    tokio::spawn(crate::kafka::watch_reachability(
+        config.kafka.clone(),
+        readiness.clone(),
+        stop_all.clone(),
+    ));
     let mut tasks = tokio::task::JoinSet::new();
     if feed {
         let worker = FeedWorker::new(config.clone(), Arc::new(SystemClock), metrics.feed.clone())

@@ -182,3 +182,59 @@ pub async fn existing_topics(
         Err(KafkaError::Canceled).inspect_err(|_| warn!("metadata task failed: {e}"))
     })
 }
+
+/// How often [`watch_reachability`] asks the cluster for metadata.
+const REACHABILITY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps readiness entry `kafka` up to date until `shutdown`: ready while a
+/// metadata request to the cluster succeeds, unready (with the error) when
+/// it fails. A pipeline idle between batches would not notice a lost broker
+/// by itself; operators and orchestrators should.
+pub async fn watch_reachability(
+    kafka: KafkaConfig,
+    readiness: crate::http::Readiness,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = match client_config(&kafka, &[]).create() {
+        Ok(c) => c,
+        Err(e) => {
+            readiness.set_unready("kafka", format!("cannot create a Kafka client: {e}"));
+            return;
+        }
+    };
+    let client = std::sync::Arc::new(client);
+    let timeout = kafka.operation_timeout.min(REACHABILITY_INTERVAL);
+    let mut was_ok = true;
+    loop {
+        let c = client.clone();
+        let probe = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(None, timeout).map(|m| m.brokers().len())
+        });
+        match probe.await {
+            Ok(Ok(brokers)) if brokers > 0 => {
+                if !was_ok {
+                    info!("Kafka reachable again");
+                }
+                was_ok = true;
+                readiness.set_ready("kafka");
+            }
+            Ok(Ok(_)) => {
+                was_ok = false;
+                readiness.set_unready("kafka", "the cluster reports no brokers");
+            }
+            Ok(Err(e)) => {
+                if was_ok {
+                    warn!(error = %e, "Kafka unreachable");
+                }
+                was_ok = false;
+                readiness.set_unready("kafka", format!("cannot reach Kafka: {e}"));
+            }
+            Err(_) => return,
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(REACHABILITY_INTERVAL) => {}
+        }
+    }
+}
