@@ -725,3 +725,37 @@ async fn a_slow_api_never_gets_the_consumer_evicted() {
     worker.stop().await.unwrap();
     sim.shutdown().await;
 }
+
+/// `max_requests_per_minute` bounds the calls started: at 60 per minute,
+/// calls are at least about a second apart however many could run at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_requests_per_minute_spaces_the_calls() {
+    let sim = start_ktip(KtipSimSettings::default()).await;
+    let names = RescanNames::new("rescan-rate");
+    let boot = bootstrap();
+    let text = rescan_config_text(&boot, &sim, &names, "a", "max_in_flight = 8", "").replace(
+        "max_requests_per_minute = 60000",
+        "max_requests_per_minute = 60",
+    );
+    let worker = spawn_rescan(parse_rescan_config(&text));
+    let reqs: Vec<Req> = (0..4)
+        .map(|i| Req::json("k", valid(&format!("rate-{i}"))))
+        .collect();
+    publish(&boot, &names.requests, &reqs).await;
+    wait_results(&boot, &names.results, 4, Duration::from_secs(60)).await;
+    let mut times: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PUT")
+        .map(|r| r.at)
+        .collect();
+    times.sort();
+    assert_eq!(times.len(), 4);
+    let spread = times[3].duration_since(times[0]).unwrap();
+    assert!(
+        spread >= Duration::from_millis(2800),
+        "4 calls within {spread:?} at 60/min"
+    );
+    worker.stop().await.unwrap();
+    sim.shutdown().await;
+}

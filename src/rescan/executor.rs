@@ -77,7 +77,9 @@ impl Executor {
         metrics: RescanMetrics,
     ) -> Executor {
         let per_minute = NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(per_minute.get().min(max_in_flight as u32).max(1))
+        // A burst of one second's share (at least 1, at most max_in_flight):
+        // no 60-second window sees much more than `per_minute` calls.
+        let burst = NonZeroU32::new((per_minute.get() / 60).clamp(1, max_in_flight.max(1) as u32))
             .unwrap_or(NonZeroU32::MIN);
         let quota = Quota::per_minute(per_minute).allow_burst(burst);
         Executor {
