@@ -1,7 +1,8 @@
 //! Command line: one binary, one subcommand per job.
 //!
 //! `feed` runs the feed worker, `rescan` the rescan consumer, `run` every
-//! enabled pipeline in one process, and `simulate` the upstream simulators.
+//! enabled pipeline in one process, `check` reports whether a configuration
+//! is ready to run, and `simulate` the upstream simulators.
 //! Exit status: 0 after a clean shutdown (including SIGINT/SIGTERM), 1 on a
 //! runtime error, 2 for invalid usage or configuration, 3 when fenced by a
 //! newer instance with the same transactional id (do not restart blindly).
@@ -44,6 +45,8 @@ pub enum Command {
     Rescan(ConfigArgs),
     /// Run every enabled pipeline ([feed] and [rescan]) in one process.
     Run(ConfigArgs),
+    /// Check the configuration, Kafka and the upstream APIs; print a report (changes nothing).
+    Check(ConfigArgs),
     /// Serve simulators of the upstream APIs (for tests, demos and benchmarks).
     Simulate(crate::sim::SimulateArgs),
 }
@@ -82,6 +85,7 @@ pub fn main() -> ExitCode {
             Command::Feed(args) => run_pipelines(args, Pipelines::Feed, shutdown).await,
             Command::Rescan(args) => run_pipelines(args, Pipelines::Rescan, shutdown).await,
             Command::Run(args) => run_pipelines(args, Pipelines::Enabled, shutdown).await,
+            Command::Check(args) => check(args, shutdown).await,
             Command::Simulate(args) => {
                 crate::logging::init(&crate::config::LogConfig::default());
                 match crate::sim::run(args, shutdown).await {
@@ -105,6 +109,33 @@ fn load_config(path: &std::path::Path) -> Result<Config, Exit> {
         eprintln!("error: {e}");
         Exit::Usage
     })
+}
+
+/// `check`: 0 when nothing is wrong, 1 when a check failed, 2 for invalid configuration.
+async fn check(args: ConfigArgs, shutdown: CancellationToken) -> Exit {
+    let config = match load_config(&args.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if !config.feed.enabled && !config.rescan.enabled {
+        eprintln!("error: no pipeline is enabled: enable [feed] or [rescan]");
+        return Exit::Usage;
+    }
+    // The report is the output; the log (librdkafka's connection errors
+    // above all) would bury it, so it is shown only when RUST_LOG asks.
+    crate::logging::init(&crate::config::LogConfig {
+        level: "off".into(),
+        ..config.log.clone()
+    });
+    tokio::select! {
+        report = crate::check::run(&config, &args.config, std::io::stdout()) => {
+            if report.passed() { Exit::Ok } else { Exit::Failed }
+        }
+        _ = shutdown.cancelled() => {
+            eprintln!("error: check interrupted");
+            Exit::Failed
+        }
+    }
 }
 
 /// Which pipelines a command runs.

@@ -4,6 +4,7 @@
 //! onto Kafka exactly once; the simulators ([`sim`]) serve faithful fakes of
 //! the upstream APIs for tests, the demo and the benchmarks.
 
+pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -186,7 +186,7 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: PathBuf::new(),
-            message: e.to_string().trim_end().to_string(),
+            message: syntax_message(text, &e),
         })?;
         let kafka = check_kafka(raw.kafka)?;
         // A file without [feed] and [rescan] runs the feed worker; a section
@@ -599,3 +599,57 @@ fn check_log(raw: raw::RawLog) -> Result<LogConfig, ConfigError> {
 
 #[cfg(test)]
 mod tests;
+
+/// A TOML error as line, column, the key on that line, and the parser's
+/// reason with any quoted value masked: the parser's own message quotes the
+/// offending line or value, which may be a secret (`api_key = "...`).
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let mut out = String::new();
+    if let Some(span) = e.span() {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        out.push_str(&format!("line {line}, column {column}"));
+        let source_line = text.lines().nth(line - 1).unwrap_or("");
+        if let Some((key, _)) = source_line.split_once('=') {
+            let key = key.trim();
+            if !key.is_empty() && key.len() <= 100 && !key.contains(['"', '\'']) {
+                out.push_str(&format!(" (key `{key}`)"));
+            }
+        }
+        out.push_str(": ");
+    }
+    let message = e.message().trim_end();
+    // These quote key names only, which help; everything else may quote a value.
+    if ["unknown field", "missing field", "duplicate key"]
+        .iter()
+        .any(|p| message.starts_with(p))
+    {
+        out.push_str(message);
+    } else {
+        out.push_str(&mask_quoted(message));
+    }
+    out
+}
+
+/// Replaces whatever stands between quotes or backticks with `...`.
+fn mask_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut open: Option<char> = None;
+    for c in message.chars() {
+        match open {
+            Some(q) if c == q => {
+                out.push_str("...");
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
+            None if matches!(c, '"' | '`' | '\'') => {
+                out.push(c);
+                open = Some(c);
+            }
+            None => out.push(c),
+        }
+    }
+    out
+}

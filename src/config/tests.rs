@@ -381,3 +381,22 @@ fn invalid_rescan_values_name_the_key_and_never_the_password() {
         "{e}"
     );
 }
+
+#[test]
+fn syntax_errors_name_the_place_but_never_quote_a_value() {
+    for (text, key) in [
+        ("[feed]\napi_key = \"s3cret-key-9f2\nx = 1\n", "api_key"),
+        ("[rescan]\npassword = 4711999\n", "password"),
+        (
+            "[kafka]\nbootstrap_servers = \"b:9092\"\n[kafka.properties]\n\"sasl.password\" = [\"pw-in-a-list-77\"\n",
+            "",
+        ),
+    ] {
+        let e = error_of(text);
+        assert!(e.contains("line "), "{e}");
+        assert!(e.contains(key), "{e}");
+        for secret in ["s3cret-key-9f2", "4711999", "pw-in-a-list-77"] {
+            assert!(!e.contains(secret), "{e}");
+        }
+    }
+}
