@@ -4,6 +4,7 @@
 
 pub mod kafka;
 pub mod process;
+pub mod prom;
 pub mod rescan;
 
 use std::path::Path;
