@@ -406,6 +406,35 @@ async fn a_missing_run_becomes_a_gap_and_is_published_when_it_appears() {
     assert_topic_holds(&s, &batches, published);
 }
 
+/// A missing run at the threshold is an error condition: the alert gauge is
+/// raised and `/readyz` says why until the run ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_run_raises_the_alert_and_readiness_says_why() {
+    let batches = BatchSettings::exact(9, 2);
+    let newest = newest_at(test_now());
+    let run = MinuteRange::new(newest.plus(-3), newest.plus(-1));
+    let mut settings = sim_settings(batches);
+    settings.missing = MinuteSet::ranges([run]);
+    let s = setup("halt", settings, 6).await;
+    let w = s.worker("missing_policy = \"halt\"");
+    wait_until(Duration::from_secs(60), || {
+        w.metrics.feed.missing_run_alert.get() == 1
+    })
+    .await;
+    let reasons = w.readiness.check().expect_err("unready in a missing run");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("feed-missing-run") && r.contains("missing")),
+        "{reasons:?}"
+    );
+    s.sim.set_missing(run, false);
+    w.wait_committed_through(newest).await;
+    wait_until(Duration::from_secs(30), || w.readiness.check().is_ok()).await;
+    assert_eq!(w.metrics.feed.missing_run_alert.get(), 0);
+    w.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_position_older_than_seven_days_skips_forward_and_records_the_loss() {
     let batches = BatchSettings::exact(18, 1);

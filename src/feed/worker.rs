@@ -277,6 +277,7 @@ impl FeedWorker {
             },
             next_gap_check: self.clock.now(),
             planned: state,
+            readiness: self.readiness.clone(),
         };
         walker.events.publish_gauges();
         self.readiness.set_ready("feed");
@@ -400,6 +401,7 @@ struct Walker {
     /// The state after every job handed to the pipeline so far.
     planned: FeedState,
     next_gap_check: SystemTime,
+    readiness: Readiness,
 }
 
 impl Walker {
@@ -488,11 +490,24 @@ impl Walker {
         .await
     }
 
+    /// Missing-run gauges, and readiness: a raised missing run is an error
+    /// condition, so `/readyz` names it until the run ends.
     fn update_run_gauges(&self) {
         self.metrics.missing_run_minutes.set(self.runs.run_len());
-        self.metrics
-            .missing_run_alert
-            .set(i64::from(self.runs.raised()));
+        let raised = self.runs.raised();
+        self.metrics.missing_run_alert.set(i64::from(raised));
+        if raised {
+            self.readiness.set_unready(
+                "feed-missing-run",
+                format!(
+                    "{} consecutive minutes missing (threshold {})",
+                    self.runs.run_len(),
+                    self.cfg.missing_threshold
+                ),
+            );
+        } else {
+            self.readiness.set_ready("feed-missing-run");
+        }
     }
 
     /// Skips forward when the position falls out of the 7-day window; expires old gaps.

@@ -97,12 +97,15 @@ pub struct RunningWorker {
     pub shutdown: CancellationToken,
     pub handle: JoinHandle<Result<(), FeedError>>,
     pub metrics: Metrics,
+    pub readiness: sandbox_bridge::http::Readiness,
 }
 
 pub fn spawn_worker(config: Config, clock: SharedClock) -> RunningWorker {
     init_logs();
     let metrics = Metrics::new();
-    let worker = FeedWorker::new(Arc::new(config), clock, metrics.feed.clone());
+    let readiness = sandbox_bridge::http::Readiness::default();
+    let worker = FeedWorker::new(Arc::new(config), clock, metrics.feed.clone())
+        .with_readiness(readiness.clone());
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let handle = tokio::spawn(async move { worker.run(token).await });
@@ -110,6 +113,7 @@ pub fn spawn_worker(config: Config, clock: SharedClock) -> RunningWorker {
         shutdown,
         handle,
         metrics,
+        readiness,
     }
 }
 
