@@ -58,6 +58,7 @@ pub const RESCAN_ERROR_KINDS: &[&str] = &[
     "tls",
     "reply_topic_not_allowed",
     "unexpected_status",
+    "internal",
 ];
 /// Classes of API responses, for the latency histogram.
 pub const RESPONSE_CLASSES: &[&str] = &["2xx", "4xx", "5xx", "timeout", "tls", "network"];
