@@ -22,9 +22,15 @@
 //! the outcome store has caught up with the outcomes topic.
 //!
 //! Backpressure: when `max_buffered` requests are taken and not committed,
-//! or while the credentials gate is closed, the assigned partitions are
-//! paused; the thread keeps polling, so the group never evicts it for
-//! exceeding `max.poll.interval.ms` however slow the API is.
+//! the thread stops taking requests and only waits for outcomes, leaving the
+//! rest in librdkafka's fetch queue. If that lasts [`HOLD_LIMIT`], or while
+//! the credentials gate is closed, the assigned partitions are paused and the
+//! thread polls again, so the group never evicts it for exceeding
+//! `max.poll.interval.ms` however slow the API is. (Pausing at once would be
+//! simpler but slow: librdkafka drops a paused partition's fetched messages
+//! and fetches them again on resume, after the broker has answered the
+//! previous long-poll fetch — up to `fetch.wait.max.ms` without requests at
+//! every pause, which at full speed is several times a second.)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +40,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rdkafka::consumer::{
     BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
 };
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -48,6 +54,11 @@ use super::request::{AllowedValues, RescanRequest, RescanUrl};
 use super::result::{MessageOrigin, RescanResult, Status, Timing};
 use crate::kafka::producer::TxProducer;
 use crate::metrics::RescanMetrics;
+
+/// How long the thread may stop taking requests (the buffer is full) without
+/// polling the group consumer; rebalances wait at most this long. Beyond it
+/// the partitions are paused, and polled again.
+const HOLD_LIMIT: Duration = Duration::from_secs(1);
 
 /// A call for the executor.
 #[derive(Debug)]
@@ -389,6 +400,7 @@ impl Core {
             producer
                 .inner
                 .send_offsets_to_transaction(&offsets, group, timeout)?;
+            await_deliveries(producer, timeout)?;
             producer.commit(timeout)
         })();
         if let Err(e) = sent {
@@ -453,6 +465,31 @@ fn replay(stored: &StoredOutcome, received_at: SystemTime, now: SystemTime) -> R
 fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Waits (at most `timeout`, else the error `TxProducer::flush` gives) until
+/// every record sent is acknowledged, serving the delivery reports.
+///
+/// `TxProducer::commit` waits for them too, but in `poll` slices of 1 ms,
+/// which rdkafka rounds down to non-blocking polls: it spins a core for the
+/// whole wait (`linger.ms` plus a round trip), at every commit. Sleeping
+/// between non-blocking polls costs a few wake-ups instead, and the commit
+/// then finds nothing left to wait for.
+fn await_deliveries(producer: &TxProducer, timeout: Duration) -> Result<(), KafkaError> {
+    let deadline = Instant::now() + timeout;
+    let mut left = producer.inner.in_flight_count();
+    while left > 0 {
+        if Instant::now() >= deadline {
+            return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+        }
+        producer.serve(); // one event: a delivery report (a batch) or another
+        let now_left = producer.inner.in_flight_count();
+        if now_left == left {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        left = now_left;
+    }
+    Ok(())
 }
 
 fn send(producer: &TxProducer, r: &OutRecord) -> Result<(), KafkaError> {
@@ -526,10 +563,12 @@ pub fn run(
     let core = consumer.context().core.clone();
     let topic = consumer.context().topic.clone();
     let mut paused = false;
+    // Since when `max_buffered` requests are taken and not committed.
+    let mut full_since: Option<Instant> = None;
     let mut last_lag = Instant::now();
     let result = (|| -> Result<(), ConsumerError> {
         while !stop.load(Ordering::SeqCst) {
-            {
+            let hold = {
                 let mut c = core.lock().expect("core lock");
                 if let Some(e) = c.failure.take() {
                     return Err(e.into());
@@ -543,10 +582,16 @@ pub fn run(
                     c.commit(&group)?;
                 }
                 c.outcomes.poll()?;
-                let want_pause =
-                    gate.borrow().is_some() || c.ledger.len() >= c.settings.max_buffered;
-                let resume_ok =
-                    gate.borrow().is_none() && c.ledger.len() <= c.settings.max_buffered / 2;
+                let buffered = c.ledger.len();
+                let full = buffered >= c.settings.max_buffered;
+                full_since = if full {
+                    full_since.or_else(|| Some(Instant::now()))
+                } else {
+                    None
+                };
+                let want_pause = gate.borrow().is_some()
+                    || full_since.is_some_and(|t| t.elapsed() >= HOLD_LIMIT);
+                let resume_ok = gate.borrow().is_none() && buffered <= c.settings.max_buffered / 2;
                 if (want_pause && (!paused || c.pause_stale)) || (paused && resume_ok) {
                     let assignment = consumer.assignment()?;
                     if want_pause {
@@ -559,11 +604,27 @@ pub fn run(
                     c.pause_stale = false;
                 }
                 c.metrics.paused.set(i64::from(gate.borrow().is_some()));
-            }
+                full && !paused
+            };
             if last_lag.elapsed() >= Duration::from_secs(5) {
                 last_lag = Instant::now();
-                let metrics = core.lock().expect("core lock").metrics.clone();
-                report_lag(&consumer, &topic, &metrics);
+                let (metrics, producer) = {
+                    let c = core.lock().expect("core lock");
+                    (c.metrics.clone(), c.producer.clone())
+                };
+                report_lag(&consumer, &producer, &topic, &metrics);
+            }
+            if hold {
+                // The buffer is full: wait for an outcome, not for a request.
+                match completions.recv_timeout(Duration::from_millis(10)) {
+                    Ok(done) => core.lock().expect("core lock").complete(done),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    // Every call has ended and the dispatcher is gone: do not spin.
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                continue;
             }
             let timeout = Duration::from_millis(if paused { 50 } else { 10 });
             if let Some(m) = consumer.poll(timeout) {
@@ -607,7 +668,17 @@ pub fn run(
 }
 
 /// Records behind the high watermark, per partition owned.
-fn report_lag(consumer: &BaseConsumer<RescanContext>, topic: &str, metrics: &RescanMetrics) {
+///
+/// The watermarks are asked through the producer's connection: on the group
+/// consumer's, the broker answers them only after the long-poll fetch ahead
+/// of them (up to `fetch.wait.max.ms` each), which stalled this thread for
+/// seconds.
+fn report_lag(
+    consumer: &BaseConsumer<RescanContext>,
+    producer: &TxProducer,
+    topic: &str,
+    metrics: &RescanMetrics,
+) {
     let (Ok(assignment), Ok(position)) = (consumer.assignment(), consumer.position()) else {
         return;
     };
@@ -615,7 +686,12 @@ fn report_lag(consumer: &BaseConsumer<RescanContext>, topic: &str, metrics: &Res
     metrics.consumer_lag.reset();
     for e in assignment.elements_for_topic(topic) {
         let p = e.partition();
-        let Ok((_, high)) = consumer.fetch_watermarks(topic, p, Duration::from_secs(1)) else {
+        let Ok((_, high)) =
+            producer
+                .inner
+                .client()
+                .fetch_watermarks(topic, p, Duration::from_secs(1))
+        else {
             continue;
         };
         let at = match position.find_partition(topic, p).map(|x| x.offset()) {

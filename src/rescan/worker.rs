@@ -280,8 +280,12 @@ impl RescanWorker {
                     &settings,
                     metrics.delivery_errors.clone(),
                 )?);
+                // Catching up asks the watermark of every partition on the
+                // tail's connection, where the broker answers each only after
+                // the long-poll fetch ahead of it: 100 ms instead of the
+                // default 500 ms bounds that wait (start-up, every rebalance).
                 let mut outcomes = OutcomeTail::open(
-                    client_config(&kafka, &[]),
+                    client_config(&kafka, &[("fetch.wait.max.ms", "100".into())]),
                     &cfg.dedup_topic,
                     cfg.dedup_window,
                     kafka.operation_timeout,

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The rescan consumer benchmark: the KTIP simulator answering every call
+# after 50 ms, `sandbox-bridge rescan` with max_in_flight 32, N pre-published
+# requests; throughput as a ratio to the ceiling max_in_flight / latency
+# (640 requests/s), CPU cores and peak RSS of the rescan process, and a check
+# that every request got exactly one committed result.
+#
+#   scripts/bench-rescan.sh [--requests N] [--runs R] [--latency-ms MS] ...
+#   scripts/bench-rescan.sh --help   (every option; see also bench/README.md)
+#
+# Self-contained: installs missing Debian packages (scripts/setup.sh), the
+# Python venv with bench/requirements.txt under $CACHE/bench-venv (shared
+# with scripts/bench.sh), builds the release binary, starts the Kafka broker
+# `bench-rescan` on 127.0.0.1:39192 and deletes it (topics included) on exit,
+# even on Ctrl-C. Logs, configs and results.json go to
+# /tmp/sandbox-bridge-bench/rescan-<run>/. ($CACHE = ${SANDBOX_BRIDGE_CACHE:-~/.cache/sandbox-bridge})
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cache=${SANDBOX_BRIDGE_CACHE:-$HOME/.cache/sandbox-bridge}
+venv=$cache/bench-venv
+name=bench-rescan
+port=${BENCH_RESCAN_PORT:-39192}
+
+say() { printf '[bench-rescan.sh] %s\n' "$*" >&2; }
+
+# Same venv and stamp as scripts/bench.sh: whichever runs first builds it.
+ensure_venv() {
+  local stamp=$venv/.requirements.sha256 want
+  want=$(sha256sum bench/requirements.txt | cut -d' ' -f1)
+  if [[ -x $venv/bin/python && -f $stamp && $(cat "$stamp") == "$want" ]]; then
+    return
+  fi
+  if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    say "installing python3-venv"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  fi
+  say "creating the Python venv in $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r bench/requirements.txt
+  echo "$want" >"$stamp"
+}
+
+for a in "$@"; do
+  if [[ $a == -h || $a == --help ]]; then
+    exec python3 bench/bench_rescan.py --help
+  fi
+done
+
+SECONDS=0
+scripts/setup.sh
+ensure_venv
+say "building sandbox-bridge (release)"
+cargo build --release --quiet
+scripts/kafka.sh fetch >&2
+
+cleanup() {
+  say "deleting broker $name"
+  scripts/kafka.sh clean --name "$name" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+say "starting Kafka broker $name on 127.0.0.1:$port"
+bootstrap=$(scripts/kafka.sh start --name "$name" --port "$port" | tail -n 1)
+broker_pid=$(scripts/kafka.sh status --name "$name" | grep -o 'pid=[0-9]*' | cut -d= -f2 || true)
+
+status=0
+"$venv/bin/python" bench/bench_rescan.py --bootstrap "$bootstrap" --broker-pid "${broker_pid:-0}" \
+  --bin target/release/sandbox-bridge "$@" || status=$?
+say "done in $((SECONDS / 60)) min $((SECONDS % 60)) s (exit $status)"
+exit "$status"
