@@ -154,6 +154,8 @@ async fn every_response_class_gets_its_result() {
     assert!(rid.starts_with(&format!("{}-", names.requests)), "{rid}");
     // The consumer counted what it committed.
     assert_eq!(worker.committed_results(), tasks.len() as u64);
+    // Requests without a request_id are never looked up again: nothing stored.
+    assert!(common::read_all(&boot, &names.outcomes).is_empty());
     worker.stop().await.expect("clean stop");
     sim.shutdown().await;
 }
@@ -518,6 +520,9 @@ async fn duplicate_request_id_makes_one_call() {
     }
     assert!(first.iter().any(|r| !r.json["duplicate_of"].is_null()));
     assert_eq!(worker.metrics.rescan.duplicates.get(), 1);
+    let stored = common::read_all(&boot, &names.outcomes);
+    assert_eq!(stored.len(), 1, "one outcome remembered, for req-42");
+    assert_eq!(stored[0].key_str(), Some("req-42"));
     worker.stop().await.unwrap();
     sim.shutdown().await;
 }

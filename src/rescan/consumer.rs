@@ -60,6 +60,9 @@ use crate::metrics::RescanMetrics;
 /// the partitions are paused, and polled again.
 const HOLD_LIMIT: Duration = Duration::from_secs(1);
 
+/// How often outcomes older than the dedup window are dropped from memory.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
 /// A call for the executor.
 #[derive(Debug)]
 pub struct CallJob {
@@ -132,6 +135,8 @@ pub struct Core {
     jobs: tmpsc::UnboundedSender<CallJob>,
     metrics: RescanMetrics,
     last_commit: Instant,
+    /// When outcomes older than the dedup window were last dropped.
+    last_prune: Instant,
     /// Set by a callback that failed; the thread stops with it.
     failure: Option<KafkaError>,
     /// Newly assigned partitions must get the current pause state.
@@ -168,6 +173,7 @@ impl Core {
             jobs,
             metrics,
             last_commit: Instant::now(),
+            last_prune: Instant::now(),
             failure: None,
             pause_stale: true,
         }
@@ -306,7 +312,11 @@ impl Core {
             return; // revoked (and maybe re-assigned) meanwhile
         }
         let id = c.result.request_id().to_string();
-        let stores = matches!(c.result.status(), Status::Accepted | Status::Rejected);
+        // Only requests that carried a request_id are tracked in flight and
+        // remembered: an id made up from the message position never repeats.
+        let explicit_id = self.in_flight.contains_key(&id);
+        let stores =
+            explicit_id && matches!(c.result.status(), Status::Accepted | Status::Rejected);
         let waiters = match self.in_flight.remove(&id) {
             Some(f) if f.origin == c.origin => f.waiters,
             Some(other) => {
@@ -364,6 +374,10 @@ impl Core {
     /// Commits every partition's finished run with its offsets, in one transaction.
     fn commit(&mut self, group: &ConsumerGroupMetadata) -> Result<usize, KafkaError> {
         self.last_commit = Instant::now();
+        if self.last_prune.elapsed() >= PRUNE_INTERVAL {
+            self.last_prune = Instant::now();
+            self.outcomes.store.prune(SystemTime::now());
+        }
         let runs = self.ledger.committable();
         if runs.is_empty() {
             return Ok(0);

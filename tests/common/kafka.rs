@@ -148,9 +148,19 @@ pub fn read_all(bootstrap: &str, topic: &str) -> Vec<Record> {
     let mut ends = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, timeout)
-            .expect("watermarks");
+        // Leadership may still be settling on a young topic: ask again.
+        let mut attempts = 0;
+        let (low, high) = loop {
+            match consumer.fetch_watermarks(topic, p, timeout) {
+                Ok(w) => break w,
+                Err(e) if attempts < 40 => {
+                    attempts += 1;
+                    eprintln!("watermarks of {topic}/{p}: {e}; asking again");
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(e) => panic!("watermarks of {topic}/{p}: {e}"),
+            }
+        };
         if high > low {
             ends.insert(p, high);
             tpl.add_partition_offset(topic, p, Offset::Beginning)
