@@ -224,13 +224,23 @@ impl TxProducer {
     /// Waits until everything queued is acknowledged (or fails), serving
     /// delivery reports as they arrive. (`BaseProducer::flush` polls in
     /// 100 ms slices, which would add up to 100 ms to every commit.)
+    ///
+    /// Serves delivery reports as they come and sleeps 1 ms when none is
+    /// ready (a short `poll` timeout is rounded down to 0, which would spin a
+    /// whole core for as long as the flush lasts).
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         let deadline = std::time::Instant::now() + timeout;
-        while self.inner.in_flight_count() > 0 {
+        let mut left = self.inner.in_flight_count();
+        while left > 0 {
             if std::time::Instant::now() >= deadline {
                 return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
             }
-            self.inner.poll(Duration::from_millis(1));
+            self.inner.poll(Duration::ZERO);
+            let now_left = self.inner.in_flight_count();
+            if now_left == left {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            left = now_left;
         }
         Ok(())
     }

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rdkafka::consumer::{
     BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
 };
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -414,7 +414,6 @@ impl Core {
             producer
                 .inner
                 .send_offsets_to_transaction(&offsets, group, timeout)?;
-            await_deliveries(producer, timeout)?;
             producer.commit(timeout)
         })();
         if let Err(e) = sent {
@@ -479,31 +478,6 @@ fn replay(stored: &StoredOutcome, received_at: SystemTime, now: SystemTime) -> R
 fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Waits (at most `timeout`, else the error `TxProducer::flush` gives) until
-/// every record sent is acknowledged, serving the delivery reports.
-///
-/// `TxProducer::commit` waits for them too, but in `poll` slices of 1 ms,
-/// which rdkafka rounds down to non-blocking polls: it spins a core for the
-/// whole wait (`linger.ms` plus a round trip), at every commit. Sleeping
-/// between non-blocking polls costs a few wake-ups instead, and the commit
-/// then finds nothing left to wait for.
-fn await_deliveries(producer: &TxProducer, timeout: Duration) -> Result<(), KafkaError> {
-    let deadline = Instant::now() + timeout;
-    let mut left = producer.inner.in_flight_count();
-    while left > 0 {
-        if Instant::now() >= deadline {
-            return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
-        }
-        producer.serve(); // one event: a delivery report (a batch) or another
-        let now_left = producer.inner.in_flight_count();
-        if now_left == left {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        left = now_left;
-    }
-    Ok(())
 }
 
 fn send(producer: &TxProducer, r: &OutRecord) -> Result<(), KafkaError> {
