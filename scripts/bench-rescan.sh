@@ -24,23 +24,6 @@ port=${BENCH_RESCAN_PORT:-39192}
 
 say() { printf '[bench-rescan.sh] %s\n' "$*" >&2; }
 
-# Same venv and stamp as scripts/bench.sh: whichever runs first builds it.
-ensure_venv() {
-  local stamp=$venv/.requirements.sha256 want
-  want=$(sha256sum bench/requirements.txt | cut -d' ' -f1)
-  if [[ -x $venv/bin/python && -f $stamp && $(cat "$stamp") == "$want" ]]; then
-    return
-  fi
-  if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
-    say "installing python3-venv"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-  fi
-  say "creating the Python venv in $venv"
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r bench/requirements.txt
-  echo "$want" >"$stamp"
-}
 
 for a in "$@"; do
   if [[ $a == -h || $a == --help ]]; then
@@ -50,7 +33,7 @@ done
 
 SECONDS=0
 scripts/setup.sh
-ensure_venv
+scripts/bench-venv.sh
 say "building sandbox-bridge (release)"
 cargo build --release --quiet
 scripts/kafka.sh fetch >&2

@@ -21,22 +21,6 @@ venv=$cache/bench-venv
 
 say() { printf '[bench.sh] %s\n' "$*" >&2; }
 
-ensure_venv() {
-  local stamp=$venv/.requirements.sha256 want
-  want=$(sha256sum bench/requirements.txt | cut -d' ' -f1)
-  if [[ -x $venv/bin/python && -f $stamp && $(cat "$stamp") == "$want" ]]; then
-    return
-  fi
-  if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
-    say "installing python3-venv"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-  fi
-  say "creating the Python venv in $venv"
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r bench/requirements.txt
-  echo "$want" >"$stamp"
-}
 
 # A port P with P and P+1 (the controller) both free.
 free_port_pair() {
@@ -64,7 +48,7 @@ if [[ ! -x /usr/bin/time ]]; then
   say "installing GNU time (for peak RSS)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq time >/dev/null
 fi
-ensure_venv
+scripts/bench-venv.sh
 # The decoder may be edited while we build: hash it around the build and
 # build again until both hashes agree, so the report names what was measured.
 decode_sha() { sha256sum src/feed/decode.rs | cut -c1-12; }
