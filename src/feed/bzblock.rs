@@ -792,32 +792,11 @@ const fn crc_tables() -> [[u32; 256]; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
+    use std::io::Read;
 
     const EOS_MAGIC: u64 = 0x1772_4538_5090;
 
-    /// Deterministic xorshift PRNG.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn bytes(&mut self, n: usize) -> Vec<u8> {
-            (0..n).map(|_| self.next() as u8).collect()
-        }
-    }
-
-    fn compress(data: &[u8], level: u32) -> Vec<u8> {
-        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::new(level));
-        e.write_all(data).unwrap();
-        e.finish().unwrap()
-    }
+    use crate::feed::test_support::{Rng, compress};
 
     fn reference(bz: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();

@@ -831,21 +831,8 @@ pub fn decode_sequential<R: Read, E>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
-    /// Deterministic xorshift PRNG.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use crate::feed::test_support::{Rng, compress};
 
     /// JSON-lines-like text with some entropy.
     fn text(len: usize, seed: u64) -> Vec<u8> {
@@ -868,12 +855,6 @@ mod tests {
         }
         out.truncate(len);
         out
-    }
-
-    fn compress(data: &[u8], level: u32) -> Vec<u8> {
-        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::new(level));
-        e.write_all(data).unwrap();
-        e.finish().unwrap()
     }
 
     fn reference(bz: &[u8]) -> Option<Vec<u8>> {

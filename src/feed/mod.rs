@@ -16,6 +16,8 @@ pub mod pipeline;
 pub mod spool;
 pub mod state;
 pub mod state_store;
+#[cfg(test)]
+mod test_support;
 pub mod worker;
 
 pub use worker::{FeedError, FeedWorker};

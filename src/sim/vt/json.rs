@@ -1,6 +1,6 @@
 //! An order-preserving JSON tree and a writer that formats JSON exactly like
 //! the real feed (Python's `json.dumps`: `", "` and `": "` separators,
-//! non-ASCII escaped as `\uXXXX`).
+//! non-ASCII escaped as `\u` plus four hex digits, e.g. `\u00e9`).
 //!
 //! `serde_json::Value` sorts object keys (the crate is built without
 //! `preserve_order`), which would make simulated records look unlike the
