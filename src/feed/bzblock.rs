@@ -37,7 +37,6 @@
 //! [`BlockError::Randomised`] for the caller's fallback.
 
 use std::ops::Range;
-thread_local! { pub static EXP_MODE: std::cell::Cell<u8> = const { std::cell::Cell::new(0) }; }
 
 /// Starts every block (BCD of pi).
 const BLOCK_MAGIC: u64 = 0x3141_5926_5359;
@@ -94,15 +93,14 @@ pub struct BlockDecoder {
     /// Per row: first-column byte | next row << 8 (see module doc); before
     /// that, the Huffman-decoded symbols.
     tt: Box<[u32; ROWS]>,
-    /// Per row: last-column byte | previous row << 8.
-    lf: Box<[u32; ROWS]>,
+    /// Where the chains of the inverse BWT write (see [`walk_chains`]).
+    arena: Box<[u8; ARENA]>,
     /// The block's L column (BWT output), then the un-BWT'd bytes.
     ll: Box<[u8; ROWS]>,
     /// Huffman table of each group (2..=6 used).
     tables: Box<[HuffTable; 6]>,
     /// Table index of each group of 50 symbols.
     selectors: Vec<u8>,
-    counts_dbg: [u32; 256],
     /// (start, length) in `ll` of the runs of at least [`LONG_RUN`] bytes,
     /// which are not written to `ll`.
     runs: Box<[(u32, u32); ROWS / LONG_RUN]>,
@@ -131,11 +129,10 @@ impl BlockDecoder {
         }
         BlockDecoder {
             tt: boxed(),
-            lf: boxed(),
+            arena: boxed(),
             ll: boxed(),
             tables: Box::new([HuffTable::EMPTY; 6]),
             selectors: Vec::with_capacity(MAX_SELECTORS),
-            counts_dbg: [0; 256],
             runs: boxed(),
         }
     }
@@ -210,8 +207,7 @@ impl BlockDecoder {
         if orig_ptr >= nblock {
             return Err(BlockError::Data("origPtr beyond the block"));
         }
-        self.counts_dbg = counts;
-        self.inverse_bwt(nblock, n_runs, orig_ptr, &counts);
+        self.inverse_bwt(nblock, n_runs, orig_ptr, &counts)?;
 
         let start = out.len();
         undo_initial_rle(&self.ll[..nblock], out)?;
@@ -357,7 +353,13 @@ impl BlockDecoder {
 
     /// Turns `ll[..nblock]` (L column, with `runs[..n_runs]`) into the block's
     /// bytes, in place.
-    fn inverse_bwt(&mut self, nblock: usize, n_runs: usize, orig_ptr: usize, counts: &[u32; 256]) {
+    fn inverse_bwt(
+        &mut self,
+        nblock: usize,
+        n_runs: usize,
+        orig_ptr: usize,
+        counts: &[u32; 256],
+    ) -> Result<(), BlockError> {
         // cf[b]: first row whose first-column byte is b.
         let mut cf = [0u32; 256];
         let mut sum = 0;
@@ -365,23 +367,15 @@ impl BlockDecoder {
             *c = sum;
             sum += n;
         }
-        let (tt, lf, ll) = (&mut *self.tt, &mut *self.lf, &self.ll[..nblock]);
-        // Row i's L byte b is the F byte of row j = cf[b]++: j = LF(i). The
-        // text is read forwards from row j to row i (`tt`) and backwards from
-        // row i to row j (`lf`). Long runs (known from decoding) map
-        // consecutive rows to consecutive rows.
-        fn scatter(
-            tt: &mut [u32; ROWS],
-            lf: &mut [u32],
-            cf: &mut [u32; 256],
-            from: usize,
-            bytes: &[u8],
-        ) {
+        let (tt, ll) = (&mut *self.tt, &self.ll[..nblock]);
+        // Row i's L byte b is the F byte of row j = cf[b]++: the text goes on
+        // from row j to row i. Long runs (known from decoding) map consecutive
+        // rows to consecutive rows.
+        fn scatter(tt: &mut [u32; ROWS], cf: &mut [u32; 256], from: usize, bytes: &[u8]) {
             let mut i = (from as u32) << 8;
-            for (&b, back) in bytes.iter().zip(lf) {
+            for &b in bytes {
                 let j = &mut cf[usize::from(b)];
                 tt[*j as usize & ROW_MASK] = i | u32::from(b);
-                *back = *j << 8 | u32::from(b);
                 *j += 1;
                 i += 1 << 8;
             }
@@ -389,43 +383,164 @@ impl BlockDecoder {
         let mut done = 0;
         for &(at, len) in &self.runs[..n_runs] {
             let (at, len) = (at as usize, len as usize);
-            scatter(tt, &mut lf[done..], &mut cf, done, &ll[done..at]);
+            scatter(tt, &mut cf, done, &ll[done..at]);
             let b = ll[at];
             let j = cf[usize::from(b)] as usize;
             cf[usize::from(b)] += len as u32;
-            let (i, jb) = (
-                (at as u32) << 8 | u32::from(b),
-                (j as u32) << 8 | u32::from(b),
-            );
-            let rows = tt[j..j + len].iter_mut().zip(&mut lf[at..at + len]);
-            for (k, (t, back)) in rows.enumerate() {
+            let i = (at as u32) << 8 | u32::from(b);
+            for (k, t) in tt[j..j + len].iter_mut().enumerate() {
                 *t = i + ((k as u32) << 8);
-                *back = jb + ((k as u32) << 8);
             }
             done = at + len;
         }
-        scatter(tt, &mut lf[done..], &mut cf, done, &ll[done..]);
+        scatter(tt, &mut cf, done, &ll[done..]);
 
-        if EXP_MODE.with(|m| m.get()) == 9 {
-            return;
+        let out = &mut self.ll[..nblock];
+        if nblock < MIN_SPLIT {
+            let mut row = orig_ptr;
+            for byte in out {
+                let e = tt[row & ROW_MASK];
+                *byte = e as u8;
+                row = (e >> 8) as usize;
+            }
+            return Ok(());
         }
-        // Each step is a load that depends on the previous one and mostly
-        // misses the cache: walking both ways at once halves the wait.
-        let ll = &mut self.ll[..nblock];
-        let (front, back) = ll.split_at_mut(nblock.div_ceil(2));
-        let (mut fwd, mut bwd) = (orig_ptr, orig_ptr);
-        for (f, b) in front.iter_mut().zip(back.iter_mut().rev()) {
-            let e = tt[fwd & ROW_MASK];
-            let d = lf[bwd & ROW_MASK];
-            *f = e as u8;
-            *b = d as u8;
-            fwd = (e >> 8) as usize;
-            bwd = (d >> 8) as usize;
-        }
-        if let Some(f) = front.get_mut(back.len()) {
-            *f = tt[fwd & ROW_MASK] as u8;
+        walk_chains(tt, &mut self.arena, orig_ptr, out)
+    }
+}
+
+/// Chains the inverse BWT follows at once.
+const CHAINS: usize = 256;
+/// Blocks shorter than this are walked as one chain (they fit in the cache).
+const MIN_SPLIT: usize = CHAINS * 256;
+/// Bytes of one region of the arena: chains write into regions and take a
+/// fresh one when theirs is full.
+const REGION: usize = ROWS / CHAINS;
+/// Regions a block can need: one per chain for the start of its segment, plus
+/// one per `REGION` bytes of the block (`REGION * CHAINS` exceeds any block).
+const REGIONS: usize = 2 * CHAINS;
+/// The arena: a power of two above `REGIONS * REGION`, so a masked index needs
+/// no bounds check.
+const ARENA: usize = 2 * ROWS;
+const ARENA_MASK: usize = ARENA - 1;
+/// Marks the rows where chains start, in `tt` (row numbers use 20 bits above
+/// the byte, so the top bit is free).
+const START: u32 = 1 << 31;
+
+/// Writes the text of the cycle through `tt` that starts at row `orig` into
+/// `out` (`out.len()` rows).
+///
+/// Each output byte costs a load that depends on the previous one and mostly
+/// misses the cache, so one chain waits on memory for every byte. Instead,
+/// `CHAINS` rows spread over the block (and `orig`) are marked as starts, and
+/// as many chains are followed in turn, each from its start until it reaches
+/// another start: their loads are independent, so the CPU overlaps the
+/// misses. The chain from `orig` is the text's first segment; each chain's
+/// end names the start of the next segment. Segments are stitched together
+/// into `out` until the cycle through `orig` closes; a shorter cycle is
+/// repeated, as libbz2's walk would (a periodic block; or a corrupt one, which
+/// the CRC then rejects).
+fn walk_chains(
+    tt: &mut [u32; ROWS],
+    arena: &mut [u8; ARENA],
+    orig: usize,
+    out: &mut [u8],
+) -> Result<(), BlockError> {
+    let n = out.len();
+    let mut start = [0usize; CHAINS];
+    start[0] = orig;
+    tt[orig & ROW_MASK] |= START;
+    let mut k = 1;
+    for m in 1..CHAINS {
+        let r = m * n / CHAINS;
+        if tt[r & ROW_MASK] & START == 0 {
+            tt[r & ROW_MASK] |= START;
+            start[k] = r;
+            k += 1;
         }
     }
+    // Per chain: the row to read next, where its next byte goes, the end of
+    // its region, its region; per region: bytes written, the next region of
+    // the same segment.
+    let mut cur = [0usize; CHAINS];
+    let mut pos = [0usize; CHAINS];
+    let mut end = [0usize; CHAINS];
+    let mut region = [0usize; CHAINS];
+    let mut filled = [0usize; REGIONS];
+    let mut next_region = [usize::MAX; REGIONS];
+    let mut succ = [usize::MAX; CHAINS];
+    let mut free_region = CHAINS;
+    let mut active = [0usize; CHAINS];
+    for m in 0..k {
+        let e = tt[start[m] & ROW_MASK];
+        arena[(m * REGION) & ARENA_MASK] = e as u8;
+        (cur[m], pos[m], end[m], region[m]) =
+            ((e >> 8) as usize, m * REGION + 1, (m + 1) * REGION, m);
+        active[m] = m;
+    }
+    let mut n_active = k;
+    while n_active > 0 {
+        let mut a = 0;
+        while a < n_active {
+            let m = active[a] % CHAINS;
+            let e = tt[cur[m] & ROW_MASK];
+            if e & START != 0 {
+                // The next segment starts here.
+                succ[m] = cur[m] & ROW_MASK;
+                filled[region[m] % REGIONS] = pos[m] - region[m] * REGION;
+                n_active -= 1;
+                active[a] = active[n_active];
+                continue;
+            }
+            arena[pos[m] & ARENA_MASK] = e as u8;
+            pos[m] += 1;
+            cur[m] = (e >> 8) as usize;
+            if pos[m] == end[m] {
+                let r = region[m] % REGIONS;
+                if free_region == REGIONS {
+                    // Only a table that is not one cycle gets here.
+                    return Err(BlockError::Data("BWT table is not one cycle"));
+                }
+                (filled[r], next_region[r]) = (REGION, free_region);
+                (region[m], pos[m]) = (free_region, free_region * REGION);
+                end[m] = pos[m] + REGION;
+                free_region += 1;
+            }
+            a += 1;
+        }
+    }
+    let mut at = 0;
+    let mut m = 0;
+    for _ in 0..k {
+        let mut r = m;
+        while r != usize::MAX {
+            let len = filled[r % REGIONS];
+            let dst = out
+                .get_mut(at..at + len)
+                .ok_or(BlockError::Data("BWT table is not one cycle"))?;
+            dst.copy_from_slice(&arena[r * REGION..r * REGION + len]);
+            at += len;
+            r = next_region[r % REGIONS];
+        }
+        if succ[m] == orig {
+            break;
+        }
+        m = start[..k]
+            .iter()
+            .position(|&s| s == succ[m])
+            .ok_or(BlockError::Data("BWT table is not one cycle"))?;
+    }
+    // A periodic block's table is several equal cycles: like libbz2's single
+    // walk of n steps, go round the cycle through `orig` again.
+    if at == 0 {
+        return Err(BlockError::Data("BWT table is not one cycle"));
+    }
+    while at < n {
+        let len = at.min(n - at);
+        out.copy_within(..len, at);
+        at += len;
+    }
+    Ok(())
 }
 
 /// Reads the 16x16 bitmap of bytes used; returns them in order (the first
@@ -1125,170 +1240,6 @@ mod tests {
             let level = 1 + r.below(9) as u8;
             assert!(d.decode(&g, 0..end, level, &mut out).is_err());
             assert!(out.is_empty());
-        }
-    }
-
-    fn walk_fwd(tt: &[u32; ROWS], orig: usize, out: &mut [u8]) {
-        let mut row = orig;
-        for byte in out.iter_mut() {
-            let e = tt[row & ROW_MASK];
-            *byte = e as u8;
-            row = (e >> 8) as usize;
-        }
-    }
-    fn walk_two(tt: &[u32; ROWS], lf: &[u32; ROWS], orig: usize, out: &mut [u8]) {
-        let n = out.len();
-        let (front, back) = out.split_at_mut(n.div_ceil(2));
-        let (mut fwd, mut bwd) = (orig, orig);
-        for (f, b) in front.iter_mut().zip(back.iter_mut().rev()) {
-            let e = tt[fwd & ROW_MASK];
-            let d = lf[bwd & ROW_MASK];
-            *f = e as u8;
-            *b = d as u8;
-            fwd = (e >> 8) as usize;
-            bwd = (d >> 8) as usize;
-        }
-        if let Some(f) = front.get_mut(back.len()) {
-            *f = tt[fwd & ROW_MASK] as u8;
-        }
-    }
-    /// K chains from marked rows, two passes (lengths, then bytes).
-    fn walk_multi<const K: usize>(tt: &mut [u32; ROWS], orig: usize, out: &mut [u8]) {
-        const MARK: u32 = 1 << 31;
-        let n = out.len();
-        let mut starts = [0usize; K];
-        starts[0] = orig;
-        let mut k = 1;
-        for m in 1..K {
-            let r = m * n / K;
-            if r != orig && tt[r] & MARK == 0 {
-                starts[k] = r;
-                k += 1;
-                tt[r] |= MARK;
-            }
-        }
-        tt[orig] |= MARK;
-        // pass A
-        let mut cur = starts;
-        let mut len = [0usize; K];
-        let mut succ = [0usize; K];
-        let mut active: [usize; K] = std::array::from_fn(|m| m);
-        let mut na = k;
-        // first step of each chain
-        for m in 0..k {
-            let e = tt[cur[m] & ROW_MASK];
-            cur[m] = ((e >> 8) as usize) & ROW_MASK;
-            len[m] = 1;
-        }
-        while na > 0 {
-            let mut a = 0;
-            while a < na {
-                let m = active[a];
-                let e = tt[cur[m] & ROW_MASK];
-                if e & MARK != 0 {
-                    succ[m] = cur[m];
-                    na -= 1;
-                    active[a] = active[na];
-                    continue;
-                }
-                cur[m] = ((e >> 8) as usize) & ROW_MASK;
-                len[m] += 1;
-                a += 1;
-            }
-        }
-        // order
-        let mut off = [0usize; K];
-        let mut pos = 0;
-        let mut m = 0;
-        for _ in 0..k {
-            off[m] = pos;
-            pos += len[m];
-            let s = succ[m];
-            m = starts[..k].iter().position(|&r| r == s).unwrap_or(0);
-        }
-        // pass B
-        let mut cur = starts;
-        let mut at = off;
-        let mut left = len;
-        let mut na = k;
-        let mut active: [usize; K] = std::array::from_fn(|m| m);
-        while na > 0 {
-            let mut a = 0;
-            while a < na {
-                let m = active[a];
-                if left[m] == 0 {
-                    na -= 1;
-                    active[a] = active[na];
-                    continue;
-                }
-                let e = tt[cur[m] & ROW_MASK];
-                out[at[m] % n] = e as u8;
-                at[m] += 1;
-                left[m] -= 1;
-                cur[m] = ((e >> 8) as usize) & ROW_MASK;
-                a += 1;
-            }
-        }
-        for &r in &starts[..k] {
-            tt[r] &= !MARK;
-        }
-    }
-
-    #[test]
-    #[ignore]
-    fn chain_experiment() {
-        let bz = std::fs::read(std::env::var("BZ_FILE").unwrap()).unwrap();
-        let level = bz[3] - b'0';
-        let bl = blocks(&bz);
-        let mut d = BlockDecoder::new();
-        let mut t = [0f64; 6];
-        let mut total = 0;
-        let reps: usize = std::env::var("REPS").map_or(3, |r| r.parse().unwrap());
-        for b in bl.iter().take(40) {
-            let mut out = Vec::new();
-            EXP_MODE.with(|m| m.set(9));
-            // decode up to the tables; decode errors since ll not walked: ignore
-            let _ = d.decode(&bz, b.clone(), level, &mut out);
-            EXP_MODE.with(|m| m.set(0));
-            let mut reference = Vec::new();
-            let info = BlockDecoder::new()
-                .decode(&bz, b.clone(), level, &mut reference)
-                .unwrap();
-            let _ = info;
-            // recover orig and nblock by a reference walk
-            let mut br = BitReader::new(&bz, b.start + 48 + 33);
-            let orig = br.bits(24) as usize;
-            let mut n = 0;
-            for (i, &c) in d.counts_dbg.iter().enumerate() {
-                let _ = i;
-                n += c as usize;
-            }
-            let mut o = vec![0u8; n];
-            for _ in 0..reps {
-                for (v, tv) in t.iter_mut().enumerate() {
-                    let s = std::time::Instant::now();
-                    match v {
-                        0 => walk_fwd(&d.tt, orig, &mut o),
-                        1 => walk_two(&d.tt, &d.lf, orig, &mut o),
-                        2 => walk_multi::<8>(&mut d.tt, orig, &mut o),
-                        3 => walk_multi::<32>(&mut d.tt, orig, &mut o),
-                        4 => walk_multi::<128>(&mut d.tt, orig, &mut o),
-                        _ => walk_fwd(&d.tt, orig, &mut o),
-                    }
-                    *tv += s.elapsed().as_secs_f64();
-                    let mut chk = Vec::new();
-                    undo_initial_rle(&o, &mut chk).unwrap();
-                    assert!(chk == reference, "variant {v}");
-                }
-            }
-            total += n * reps;
-        }
-        for (v, tv) in t.iter().enumerate() {
-            println!(
-                "variant {v}: {:.1} MB/s ({:.3}s)",
-                total as f64 / tv / 1e6,
-                tv
-            );
         }
     }
 }

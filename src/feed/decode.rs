@@ -919,6 +919,8 @@ mod tests {
             ("runs", runs),
             ("all the same", vec![b'a'; 1_000_000]),
             ("256 symbols", all_bytes.repeat(1000)),
+            ("period 3", b"abc".repeat(300_000)),
+            ("period 997", r.bytes(997).repeat(800)),
             ("one byte", b"a".to_vec()),
         ] {
             for level in [1, 2, 5, 9] {
