@@ -464,53 +464,64 @@ fn walk_chains(
             k += 1;
         }
     }
-    // Per chain: the row to read next, where its next byte goes, the end of
-    // its region, its region; per region: bytes written, the next region of
-    // the same segment.
-    let mut cur = [0usize; CHAINS];
-    let mut pos = [0usize; CHAINS];
-    let mut end = [0usize; CHAINS];
+    // Per live chain: the row to read next, where its next byte goes, the end
+    // of its region, which chain it is; per chain: its region, the start of
+    // the segment after its own; per region: bytes written, the next region
+    // of the same segment.
+    #[derive(Clone, Copy, Default)]
+    struct Chain {
+        row: usize,
+        pos: usize,
+        end: usize,
+        id: usize,
+    }
+    let mut live = [Chain::default(); CHAINS];
     let mut region = [0usize; CHAINS];
+    let mut succ = [usize::MAX; CHAINS];
     let mut filled = [0usize; REGIONS];
     let mut next_region = [usize::MAX; REGIONS];
-    let mut succ = [usize::MAX; CHAINS];
     let mut free_region = CHAINS;
-    let mut active = [0usize; CHAINS];
-    for m in 0..k {
+    for (m, c) in live.iter_mut().enumerate().take(k) {
         let e = tt[start[m] & ROW_MASK];
         arena[(m * REGION) & ARENA_MASK] = e as u8;
-        (cur[m], pos[m], end[m], region[m]) =
-            ((e >> 8) as usize, m * REGION + 1, (m + 1) * REGION, m);
-        active[m] = m;
+        *c = Chain {
+            row: (e >> 8) as usize,
+            pos: m * REGION + 1,
+            end: (m + 1) * REGION,
+            id: m,
+        };
+        region[m] = m;
     }
-    let mut n_active = k;
-    while n_active > 0 {
+    let mut n_live = k;
+    while n_live > 0 {
         let mut a = 0;
-        while a < n_active {
-            let m = active[a] % CHAINS;
-            let e = tt[cur[m] & ROW_MASK];
-            if e & START != 0 {
-                // The next segment starts here.
-                succ[m] = cur[m] & ROW_MASK;
-                filled[region[m] % REGIONS] = pos[m] - region[m] * REGION;
-                n_active -= 1;
-                active[a] = active[n_active];
-                continue;
-            }
-            arena[pos[m] & ARENA_MASK] = e as u8;
-            pos[m] += 1;
-            cur[m] = (e >> 8) as usize;
-            if pos[m] == end[m] {
-                let r = region[m] % REGIONS;
+        while a < n_live {
+            let c = &mut live[a % CHAINS];
+            let e = tt[c.row & ROW_MASK];
+            if e & START != 0 || c.pos == c.end {
+                let m = c.id % CHAINS;
+                if e & START != 0 {
+                    // The next segment starts here.
+                    succ[m] = c.row & ROW_MASK;
+                    filled[region[m] % REGIONS] = c.pos - region[m] * REGION;
+                    n_live -= 1;
+                    live[a % CHAINS] = live[n_live % CHAINS];
+                    continue;
+                }
+                // The region is full: take a fresh one.
                 if free_region == REGIONS {
                     // Only a table that is not one cycle gets here.
                     return Err(BlockError::Data("BWT table is not one cycle"));
                 }
-                (filled[r], next_region[r]) = (REGION, free_region);
-                (region[m], pos[m]) = (free_region, free_region * REGION);
-                end[m] = pos[m] + REGION;
+                let r = region[m] % REGIONS;
+                (filled[r], next_region[r], region[m]) = (REGION, free_region, free_region);
+                c.pos = free_region * REGION;
+                c.end = c.pos + REGION;
                 free_region += 1;
             }
+            arena[c.pos & ARENA_MASK] = e as u8;
+            c.pos += 1;
+            c.row = (e >> 8) as usize;
             a += 1;
         }
     }
