@@ -9,7 +9,7 @@
 //! cuts out each block and re-frames it as a standalone single-block stream
 //! ("BZh" + level, the block's bits re-aligned, end-of-stream magic, combined
 //! CRC = block CRC). Worker threads decode those pieces with the block decoder
-//! of [`super::bzblock`] (about 1.5x libbz2's speed), which checks each block's
+//! of [`super::bzblock`] (about twice libbz2's speed), which checks each block's
 //! CRC; the calling thread checks each stream's combined CRC. A magic can occur by chance inside
 //! compressed data: candidates are filtered (origPtr must be in range), and a
 //! piece that fails to decode is merged with the following piece and retried
@@ -33,8 +33,8 @@
 //! encoders, hard cap [`max_block_bytes`]) plus its decoded block (~0.9 MB
 //! typical; up to ~46 MB for level 9 blocks of long runs, because of bzip2's
 //! initial run-length coding). Add one fast block decoder per decoding thread
-//! (5 MiB of arrays, thread-local, of which only the level's block size is ever
-//! touched), a libbz2 state (~3.6 MB at level 9) only while falling back, and
+//! (8 MiB of arrays, of which only the level's block size is ever touched; kept
+//! by the [`ParallelDecoder`] from one file to the next), a libbz2 state (~3.6 MB at level 9) only while falling back, and
 //! the read buffer (the current partial block + 512 KiB).
 //! So memory is independent of the file size. [`DecodeStats`] reports the
 //! observed peaks.
@@ -44,9 +44,8 @@
 //! decoding for seconds), so spawn cost (~tens of µs) is irrelevant, and scoped
 //! threads guarantee that no thread outlives the call, also on errors.
 
-use std::cell::RefCell;
 use std::io::{self, Read};
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use bzip2::{Decompress, Status};
@@ -289,16 +288,12 @@ impl Piece {
         )
     }
 
-    /// Decodes the piece with the fast block decoder or, if that rejects it,
-    /// with libbz2; `Failed` if both do.
-    fn decode(self) -> Decoded {
-        thread_local! {
-            /// Work arrays reused for every block this thread decodes.
-            static FAST: RefCell<BlockDecoder> = RefCell::new(BlockDecoder::new());
-        }
+    /// Decodes the piece with the fast block decoder `fast` or, if that
+    /// rejects it, with libbz2; `Failed` if both do.
+    fn decode(self, fast: &mut BlockDecoder) -> Decoded {
         let mut out = Vec::new();
         let bits = 32..32 + self.nbits;
-        let fast = FAST.with_borrow_mut(|d| d.decode(&self.framed, bits, self.level, &mut out));
+        let fast = fast.decode(&self.framed, bits, self.level, &mut out);
         if fast.is_ok_and(|block| block.crc == self.crc) {
             return Decoded::Ok {
                 crc: self.crc,
@@ -566,12 +561,15 @@ enum Decoded {
 type Job = (Piece, Sender<Decoded>);
 
 /// Decodes bzip2 files on several threads, one file at a time.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ParallelDecoder {
     /// Decoding threads.
     threads: usize,
     /// Most pieces alive at once (>= 2).
     max_in_flight: usize,
+    /// Block decoders kept between calls: their work arrays stay allocated
+    /// and paged in, instead of being faulted in again for every file.
+    decoders: Mutex<Vec<BlockDecoder>>,
     /// Test hook: cut every piece at this bit too, like a false magic would.
     #[cfg(test)]
     split_at: Option<u64>,
@@ -585,6 +583,7 @@ impl ParallelDecoder {
         ParallelDecoder {
             threads,
             max_in_flight: 2 * threads + 2,
+            decoders: Mutex::new(Vec::new()),
             #[cfg(test)]
             split_at: None,
         }
@@ -595,6 +594,11 @@ impl ParallelDecoder {
     pub fn with_max_in_flight(mut self, blocks: usize) -> Self {
         self.max_in_flight = blocks.max(2);
         self
+    }
+
+    fn take_decoder(&self) -> BlockDecoder {
+        let mut pool = self.decoders.lock().unwrap_or_else(|e| e.into_inner());
+        pool.pop().unwrap_or_default()
     }
 
     /// Decodes every stream of a bzip2 file read incrementally from `input`,
@@ -620,12 +624,14 @@ impl ParallelDecoder {
                 .map(|_| {
                     let (jobs, stop) = (job_rx.clone(), &stop);
                     s.spawn(move || {
+                        let mut fast = self.take_decoder();
                         for (piece, tx) in jobs {
                             if stop.load(Relaxed) {
                                 continue;
                             }
-                            let _ = tx.send(piece.decode());
+                            let _ = tx.send(piece.decode(&mut fast));
                         }
+                        self.decoders.lock().unwrap_or_else(|e| e.into_inner()).push(fast);
                     })
                 })
                 .collect();
@@ -744,7 +750,7 @@ fn consume<E>(
                     if merges > MAX_MERGES || len > max_block_bytes(failed.level) {
                         return Err(bad());
                     }
-                    res = failed.merge(&next).decode();
+                    res = failed.merge(&next).decode(&mut BlockDecoder::new());
                 };
                 fold = fold.rotate_left(1) ^ crc;
                 stats.blocks += 1;
