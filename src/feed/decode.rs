@@ -45,7 +45,7 @@
 //! threads guarantee that no thread outlives the call, also on errors.
 
 use std::io::{self, Read};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use bzip2::{Decompress, Status};
@@ -290,8 +290,7 @@ impl Piece {
 
     /// Decodes the piece with the fast block decoder `fast` or, if that
     /// rejects it, with libbz2; `Failed` if both do.
-    fn decode(self, fast: &mut BlockDecoder) -> Decoded {
-        let mut out = Vec::new();
+    fn decode(self, fast: &mut BlockDecoder, mut out: Vec<u8>) -> Decoded {
         let bits = 32..32 + self.nbits;
         let fast = fast.decode(&self.framed, bits, self.level, &mut out);
         if fast.is_ok_and(|block| block.crc == self.crc) {
@@ -557,6 +556,37 @@ enum Decoded {
     Failed(Piece),
 }
 
+/// Decoded chunks handed back for reuse: a fresh ~1 MB buffer per block would
+/// be paged in (and zeroed by the kernel) every time.
+#[derive(Debug, Default)]
+pub struct BufferPool {
+    spare: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    /// Buffers kept: more than are ever in flight between decoder and sink.
+    const KEEP: usize = 16;
+    /// Larger buffers (blocks of long runs) are freed, not kept.
+    const MAX_CAPACITY: usize = 2 << 20;
+
+    fn take(&self) -> Vec<u8> {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        spare.pop().unwrap_or_default()
+    }
+
+    /// Keeps `buf` (emptied) for a later block, unless enough are kept.
+    pub fn give(&self, mut buf: Vec<u8>) {
+        if buf.capacity() > Self::MAX_CAPACITY {
+            return;
+        }
+        buf.clear();
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < Self::KEEP {
+            spare.push(buf);
+        }
+    }
+}
+
 /// A piece to decode and where to send the answer.
 type Job = (Piece, Sender<Decoded>);
 
@@ -570,6 +600,8 @@ pub struct ParallelDecoder {
     /// Block decoders kept between calls: their work arrays stay allocated
     /// and paged in, instead of being faulted in again for every file.
     decoders: Mutex<Vec<BlockDecoder>>,
+    /// Output buffers, handed back by the sink's side for reuse.
+    buffers: Arc<BufferPool>,
     /// Test hook: cut every piece at this bit too, like a false magic would.
     #[cfg(test)]
     split_at: Option<u64>,
@@ -584,6 +616,7 @@ impl ParallelDecoder {
             threads,
             max_in_flight: 2 * threads + 2,
             decoders: Mutex::new(Vec::new()),
+            buffers: Arc::default(),
             #[cfg(test)]
             split_at: None,
         }
@@ -594,6 +627,11 @@ impl ParallelDecoder {
     pub fn with_max_in_flight(mut self, blocks: usize) -> Self {
         self.max_in_flight = blocks.max(2);
         self
+    }
+
+    /// Where the sink's side hands decoded chunks back once done with them.
+    pub fn buffers(&self) -> Arc<BufferPool> {
+        self.buffers.clone()
     }
 
     fn take_decoder(&self) -> BlockDecoder {
@@ -629,7 +667,7 @@ impl ParallelDecoder {
                             if stop.load(Relaxed) {
                                 continue;
                             }
-                            let _ = tx.send(piece.decode(&mut fast));
+                            let _ = tx.send(piece.decode(&mut fast, self.buffers.take()));
                         }
                         self.decoders.lock().unwrap_or_else(|e| e.into_inner()).push(fast);
                     })
@@ -750,7 +788,7 @@ fn consume<E>(
                     if merges > MAX_MERGES || len > max_block_bytes(failed.level) {
                         return Err(bad());
                     }
-                    res = failed.merge(&next).decode(&mut BlockDecoder::new());
+                    res = failed.merge(&next).decode(&mut BlockDecoder::new(), Vec::new());
                 };
                 fold = fold.rotate_left(1) ^ crc;
                 stats.blocks += 1;

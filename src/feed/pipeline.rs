@@ -39,7 +39,7 @@ use super::classify::{
     CONTENT_TYPE_JSON, DlqReason, HEADER_BATCH, HEADER_CONTENT_TYPE, HEADER_ID, HEADER_LINE,
     HEADER_SANDBOX, LineClassifier, RecordId, Verdict,
 };
-use super::decode::{DecodeError, ParallelDecoder};
+use super::decode::{BufferPool, DecodeError, ParallelDecoder};
 use super::lines::{Line, LineSplitter};
 use super::spool::Spool;
 use super::state::FeedState;
@@ -156,12 +156,14 @@ impl Pipeline {
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let stop = Arc::new(AtomicBool::new(false));
         let decoder = ParallelDecoder::new(settings.decode_threads);
+        let buffers = decoder.buffers();
         let decode = std::thread::Builder::new()
             .name("feed-decode".into())
             .spawn(move || decode_loop(decoder, jobs_rx, work_tx))
             .expect("spawn decode thread");
         let publisher = Publisher {
             classifier: LineClassifier::new(settings.max_message_bytes),
+            buffers,
             settings,
             producer,
             metrics,
@@ -219,6 +221,8 @@ fn decode_loop(decoder: ParallelDecoder, mut jobs: mpsc::Receiver<Job>, work: Se
 struct Publisher {
     settings: PipelineSettings,
     classifier: LineClassifier,
+    /// Where published chunks go back to the decoder.
+    buffers: Arc<BufferPool>,
     producer: Arc<TxProducer>,
     metrics: FeedMetrics,
     reports: mpsc::UnboundedSender<Report>,
@@ -295,6 +299,7 @@ impl Publisher {
                     self.publish_line(job.minute, &line, stats, unserved)
                 })?;
                 o.publish_seconds += t.elapsed().as_secs_f64();
+                self.buffers.give(chunk);
                 Ok(())
             }
             Work::End(result, decoded_at) => {
