@@ -45,8 +45,8 @@
 //! threads guarantee that no thread outlives the call, also on errors.
 
 use std::io::{self, Read};
-use std::sync::{Arc, LazyLock, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use bzip2::{Decompress, Status};
 use crossbeam_channel::{Receiver, Sender};
@@ -669,7 +669,10 @@ impl ParallelDecoder {
                             }
                             let _ = tx.send(piece.decode(&mut fast, self.buffers.take()));
                         }
-                        self.decoders.lock().unwrap_or_else(|e| e.into_inner()).push(fast);
+                        self.decoders
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(fast);
                     })
                 })
                 .collect();
@@ -788,7 +791,9 @@ fn consume<E>(
                     if merges > MAX_MERGES || len > max_block_bytes(failed.level) {
                         return Err(bad());
                     }
-                    res = failed.merge(&next).decode(&mut BlockDecoder::new(), Vec::new());
+                    res = failed
+                        .merge(&next)
+                        .decode(&mut BlockDecoder::new(), Vec::new());
                 };
                 fold = fold.rotate_left(1) ^ crc;
                 stats.blocks += 1;
