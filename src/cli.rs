@@ -208,7 +208,8 @@ async fn run_pipelines(args: ConfigArgs, which: Pipelines, shutdown: Cancellatio
     }
     if rescan {
         let worker = RescanWorker::new(config.clone(), metrics.rescan.clone())
-            .with_readiness(readiness.clone());
+            .with_readiness(readiness.clone())
+            .with_kafka_metrics(metrics.kafka.clone());
         let token = stop_all.clone();
         tasks.spawn(async move { Ended::Rescan(worker.run(token).await) });
     }

@@ -33,7 +33,7 @@ use crate::feed::fetch::RetryPolicy;
 use crate::http::Readiness;
 use crate::kafka::producer::{ProducerSettings, TxProducer};
 use crate::kafka::{TopicError, TopicSpec, client_config, ensure_topics};
-use crate::metrics::RescanMetrics;
+use crate::metrics::{KafkaClientMetrics, RescanMetrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RescanError {
@@ -62,6 +62,7 @@ pub struct RescanWorker {
     config: Arc<Config>,
     metrics: RescanMetrics,
     readiness: Readiness,
+    kafka_metrics: Option<KafkaClientMetrics>,
 }
 
 impl RescanWorker {
@@ -70,7 +71,14 @@ impl RescanWorker {
             config,
             metrics,
             readiness: Readiness::default(),
+            kafka_metrics: None,
         }
+    }
+
+    /// Reports the producer's librdkafka statistics under `client="rescan"`.
+    pub fn with_kafka_metrics(mut self, metrics: KafkaClientMetrics) -> RescanWorker {
+        self.kafka_metrics = Some(metrics);
+        self
     }
 
     /// Reports readiness (`/readyz`) under the name `rescan`.
@@ -273,6 +281,7 @@ impl RescanWorker {
             operation_timeout: kafka.operation_timeout,
         };
         let (metrics, allowed) = (self.metrics.clone(), allowed.clone());
+        let kafka_metrics = self.kafka_metrics.clone();
         let consumer = tokio::task::spawn_blocking(
             move || -> Result<BaseConsumer<RescanContext>, RescanError> {
                 let producer = Arc::new(TxProducer::create(
@@ -280,6 +289,9 @@ impl RescanWorker {
                     &settings,
                     metrics.delivery_errors.clone(),
                 )?);
+                if let Some(m) = kafka_metrics {
+                    producer.report_statistics("rescan", m);
+                }
                 // Catching up asks the watermark of every partition on the
                 // tail's connection, where the broker answers each only after
                 // the long-poll fetch ahead of it: 100 ms instead of the
