@@ -510,8 +510,9 @@ fn walk_chains(
                 }
                 // The region is full: take a fresh one.
                 if free_region == REGIONS {
-                    // Only a table that is not one cycle gets here.
-                    return Err(BlockError::Data("BWT table is not one cycle"));
+                    // Cannot happen: every row is visited at most once, so at
+                    // most CHAINS + n / REGION regions fill. A guard, not a path.
+                    return Err(BlockError::Data("BWT walk ran out of regions"));
                 }
                 let r = region[m] % REGIONS;
                 (filled[r], next_region[r], region[m]) = (REGION, free_region, free_region);

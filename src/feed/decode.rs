@@ -34,8 +34,10 @@
 //! typical; up to ~46 MB for level 9 blocks of long runs, because of bzip2's
 //! initial run-length coding). Add one fast block decoder per decoding thread
 //! (8 MiB of arrays, of which only the level's block size is ever touched; kept
-//! by the [`ParallelDecoder`] from one file to the next), a libbz2 state (~3.6 MB at level 9) only while falling back, and
-//! the read buffer (the current partial block + 512 KiB).
+//! by the [`ParallelDecoder`] from one file to the next), up to 16 spare output
+//! buffers of at most 2 MiB each ([`BufferPool`]), a libbz2 state (~3.6 MB at
+//! level 9) only while falling back, and the read buffer (the current partial
+//! block + 512 KiB).
 //! So memory is independent of the file size. [`DecodeStats`] reports the
 //! observed peaks.
 //!
