@@ -31,7 +31,6 @@ import os
 import platform
 import re
 import resource
-import shutil
 import signal
 import statistics
 import subprocess
@@ -40,6 +39,8 @@ import threading
 import time
 import uuid
 from pathlib import Path
+
+from benchproc import free_port, spawn, stop, stop_all
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE_ROOT = Path(os.environ.get("SANDBOX_BRIDGE_CACHE", Path.home() / ".cache" / "sandbox-bridge"))
@@ -51,7 +52,6 @@ SIM_READY_TIMEOUT = 60
 # Generous hang guards, not timing assertions.
 RUN_TIMEOUT = 1800
 
-children = []  # every process started here, stopped on exit
 
 
 def log(msg):
@@ -127,27 +127,6 @@ def prune_cache(cache_dir, now):
 
 
 # ---------------------------------------------------------------- processes
-
-
-def spawn(cmd, **kw):
-    proc = subprocess.Popen(cmd, **kw)
-    children.append(proc)
-    return proc
-
-
-def stop(proc, sig=signal.SIGTERM, timeout=60):
-    if proc.poll() is None:
-        try:
-            proc.send_signal(sig)
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def stop_all():
-    for proc in reversed(children):
-        stop(proc, timeout=30)
 
 
 def child_pid(parent):
@@ -487,14 +466,6 @@ level = "info"
 """
     Path(path).write_text(text)
     return text
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape_metrics(port):

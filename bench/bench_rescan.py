@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,12 +35,13 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from benchproc import free_port, spawn, stop, stop_all
+
 REPO = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
 KTIP_USER, KTIP_PASSWORD = "demo", "demo-password"  # the simulator's defaults
 START_TIMEOUT = 120  # hang guards, not timing assertions
 
-children = []  # every process started here, stopped on exit
 
 
 def log(msg):
@@ -74,22 +74,6 @@ def parse_args():
 
 
 # ---------------------------------------------------------------- processes and /proc
-
-
-def spawn(cmd, **kw):
-    proc = subprocess.Popen(cmd, **kw)
-    children.append(proc)
-    return proc
-
-
-def stop(proc, sig=signal.SIGTERM, timeout=60):
-    if proc.poll() is None:
-        try:
-            proc.send_signal(sig)
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def cpu_s(pid):
@@ -342,14 +326,6 @@ def scrape(port):
     return out if "in_flight" in out and "buffered" in out else None
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------- one round
 
 
@@ -548,8 +524,7 @@ def main():
             rounds.append(r)
             log(round_line(r))
     finally:
-        for proc in reversed(children):
-            stop(proc, timeout=30)
+        stop_all()
     text = summary(args, rounds, info)
     (work / "results.json").write_text(json.dumps({**info, "rounds": rounds}, indent=2, default=str))
     (work / "summary.txt").write_text(text + "\n")

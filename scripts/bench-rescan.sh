@@ -10,20 +10,20 @@
 #
 # Self-contained: installs missing Debian packages (scripts/setup.sh), the
 # Python venv with bench/requirements.txt under $CACHE/bench-venv (shared
-# with scripts/bench.sh), builds the release binary, starts the Kafka broker
-# `bench-rescan` on 127.0.0.1:39192 and deletes it (topics included) on exit,
-# even on Ctrl-C. Logs, configs and results.json go to
+# with scripts/bench.sh), builds the release binary, starts its own Kafka
+# broker under a unique name on free ports and deletes it (topics included)
+# on exit, even on Ctrl-C (scripts/bench-broker.sh). Logs, configs and results.json go to
 # /tmp/sandbox-bridge-bench/rescan-<run>/. ($CACHE = ${SANDBOX_BRIDGE_CACHE:-~/.cache/sandbox-bridge})
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cache=${SANDBOX_BRIDGE_CACHE:-$HOME/.cache/sandbox-bridge}
 venv=$cache/bench-venv
-name=bench-rescan
-port=${BENCH_RESCAN_PORT:-39192}
 
 say() { printf '[bench-rescan.sh] %s\n' "$*" >&2; }
 
+# shellcheck source=scripts/bench-broker.sh
+. scripts/bench-broker.sh
 
 for a in "$@"; do
   if [[ $a == -h || $a == --help ]]; then
@@ -36,18 +36,7 @@ scripts/setup.sh
 scripts/bench-venv.sh
 say "building sandbox-bridge (release)"
 cargo build --release --quiet
-scripts/kafka.sh fetch >&2
-
-cleanup() {
-  say "deleting broker $name"
-  scripts/kafka.sh clean --name "$name" >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-say "starting Kafka broker $name on 127.0.0.1:$port"
-bootstrap=$(scripts/kafka.sh start --name "$name" --port "$port" | tail -n 1)
-broker_pid=$(scripts/kafka.sh status --name "$name" | grep -o 'pid=[0-9]*' | cut -d= -f2 || true)
+start_bench_broker bench-rescan
 
 status=0
 "$venv/bin/python" bench/bench_rescan.py --bootstrap "$bootstrap" --broker-pid "${broker_pid:-0}" \

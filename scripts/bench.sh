@@ -21,20 +21,8 @@ venv=$cache/bench-venv
 
 say() { printf '[bench.sh] %s\n' "$*" >&2; }
 
-
-# A port P with P and P+1 (the controller) both free.
-free_port_pair() {
-  local p
-  for _ in $(seq 1 100); do
-    p=$((20000 + RANDOM % 30000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null &&
-      ! (exec 3<>"/dev/tcp/127.0.0.1/$((p + 1))") 2>/dev/null; then
-      echo "$p"
-      return
-    fi
-  done
-  return 1
-}
+# shellcheck source=scripts/bench-broker.sh
+. scripts/bench-broker.sh
 
 for a in "$@"; do
   if [[ $a == -h || $a == --help ]]; then
@@ -60,22 +48,9 @@ for attempt in 1 2 3; do
   say "src/feed/decode.rs changed during the build; building again"
 done
 export BENCH_BUILT_DECODE_RS_SHA=$before
-scripts/kafka.sh fetch >&2
-
-name="bench-$(date +%s)-$$"
-port=$(free_port_pair)
-cleanup() {
-  say "deleting broker $name"
-  scripts/kafka.sh clean --name "$name" >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-say "starting Kafka broker $name on 127.0.0.1:$port"
-bootstrap=$(scripts/kafka.sh start --name "$name" --port "$port" | tail -n 1)
+start_bench_broker bench
 
 status=0
-broker_pid=$(scripts/kafka.sh status --name "$name" | grep -o 'pid=[0-9]*' | cut -d= -f2)
 "$venv/bin/python" bench/bench.py --bootstrap "$bootstrap" --broker-pid "${broker_pid:-0}" \
   --bin target/release/sandbox-bridge "$@" || status=$?
 say "done in $((SECONDS / 60)) min $((SECONDS % 60)) s (exit $status)"
