@@ -60,9 +60,6 @@ use crate::metrics::RescanMetrics;
 /// the partitions are paused, and polled again.
 const HOLD_LIMIT: Duration = Duration::from_secs(1);
 
-/// How often outcomes older than the dedup window are dropped from memory.
-const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
-
 /// A call for the executor.
 #[derive(Debug)]
 pub struct CallJob {
@@ -135,8 +132,6 @@ pub struct Core {
     jobs: tmpsc::UnboundedSender<CallJob>,
     metrics: RescanMetrics,
     last_commit: Instant,
-    /// When outcomes older than the dedup window were last dropped.
-    last_prune: Instant,
     /// Set by a callback that failed; the thread stops with it.
     failure: Option<KafkaError>,
     /// Newly assigned partitions must get the current pause state.
@@ -173,7 +168,6 @@ impl Core {
             jobs,
             metrics,
             last_commit: Instant::now(),
-            last_prune: Instant::now(),
             failure: None,
             pause_stale: true,
         }
@@ -374,10 +368,6 @@ impl Core {
     /// Commits every partition's finished run with its offsets, in one transaction.
     fn commit(&mut self, group: &ConsumerGroupMetadata) -> Result<usize, KafkaError> {
         self.last_commit = Instant::now();
-        if self.last_prune.elapsed() >= PRUNE_INTERVAL {
-            self.last_prune = Instant::now();
-            self.outcomes.store.prune(SystemTime::now());
-        }
         let runs = self.ledger.committable();
         if runs.is_empty() {
             return Ok(0);

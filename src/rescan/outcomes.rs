@@ -51,13 +51,21 @@ fn unix_ms(t: SystemTime) -> i64 {
 pub struct OutcomeStore {
     window: Duration,
     entries: HashMap<String, StoredOutcome>,
+    /// Outcome time (ms) of the last pruning.
+    pruned_at_ms: i64,
 }
+
+/// Entries older than the window are dropped when one is inserted at least
+/// this long (in outcome time) after the last drop: memory holds at most the
+/// outcomes of the window plus this much, however long the consumer runs.
+const PRUNE_EVERY_MS: i64 = 60_000;
 
 impl OutcomeStore {
     pub fn new(window: Duration) -> OutcomeStore {
         OutcomeStore {
             window,
             entries: HashMap::new(),
+            pruned_at_ms: i64::MIN,
         }
     }
 
@@ -70,17 +78,21 @@ impl OutcomeStore {
     }
 
     pub fn insert(&mut self, request_id: String, outcome: StoredOutcome) {
+        let t = outcome.completed_at_ms;
         self.entries.insert(request_id, outcome);
+        if t.saturating_sub(self.pruned_at_ms) >= PRUNE_EVERY_MS {
+            self.pruned_at_ms = t;
+            self.prune_before(t - self.window.as_millis() as i64);
+        }
     }
 
     pub fn remove(&mut self, request_id: &str) {
         self.entries.remove(request_id);
     }
 
-    /// Drops entries older than the window.
-    pub fn prune(&mut self, now: SystemTime) {
-        let oldest = unix_ms(now) - self.window.as_millis() as i64;
-        self.entries.retain(|_, o| o.completed_at_ms >= oldest);
+    /// Drops entries completed before `oldest_ms`.
+    fn prune_before(&mut self, oldest_ms: i64) {
+        self.entries.retain(|_, o| o.completed_at_ms >= oldest_ms);
     }
 
     pub fn len(&self) -> usize {
@@ -208,8 +220,29 @@ mod tests {
         assert_eq!(s.get("r1", at(1_000_000 + 59_000)), Some(&o));
         assert_eq!(s.get("r1", at(1_000_000 + 61_000)), None);
         assert_eq!(s.get("r2", at(1_000_000)), None);
-        s.prune(at(1_000_000 + 61_000));
+        s.prune_before(unix_ms(at(1_000_000 + 61_000)) - 60_000);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn memory_stays_bounded_by_the_window() {
+        // One outcome per second for three hours, a ten-minute window.
+        let mut s = OutcomeStore::new(Duration::from_secs(600));
+        let mut most = 0;
+        for i in 0..3 * 3600i64 {
+            let o = StoredOutcome {
+                origin: format!("req-0-{i}"),
+                completed_at_ms: 1_000_000 + i * 1000,
+                result: json!({"status": "accepted"}),
+            };
+            s.insert(format!("r{i}"), o);
+            most = most.max(s.len());
+        }
+        assert!(most <= 600 + 60 + 1, "held {most} outcomes");
+        let now = at(1_000_000 + (3 * 3600 - 1) * 1000);
+        assert!(s.get("r10799", now).is_some());
+        assert!(s.get("r10300", now).is_some());
+        assert!(s.get("r100", now).is_none());
     }
 
     #[test]
