@@ -16,21 +16,19 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::process::Proc;
 use common::prom::{self, Prometheus};
 use common::rescan::{
-    KTIP_PASSWORD, Req, RescanNames, publish, rescan_config_text, start_ktip, valid, wait_results,
+    KTIP_PASSWORD, Req, RescanNames, publish, rescan_config_text, valid, wait_results,
 };
-use common::{API_KEY, Names, bootstrap, config_text};
-use sandbox_bridge::clock::{Clock, SharedClock, SystemClock};
+use common::{Names, bootstrap, config_text};
+use sandbox_bridge::clock::{Clock, SystemClock};
 use sandbox_bridge::minute::{FeedWindow, Minute, MinuteRange};
-use sandbox_bridge::sim::ktip::{KtipSimHandle, KtipSimSettings};
-use sandbox_bridge::sim::vt::{
-    BatchSettings, FeedSimHandle, FeedSimSettings, FeedSimulator, MinuteSet,
-};
+use sandbox_bridge::sim::ktip::KtipSimHandle;
+use sandbox_bridge::sim::vt::{FeedSimHandle, MinuteSet};
 use serde_json::Value;
 
 /// The alert raised by the worker's missing-run error condition.
@@ -56,22 +54,7 @@ impl Stack {
     async fn start(test: &str, start: Minute, missing: MinuteSet, extra_feed: &str) -> Stack {
         // Fail before starting anything when Prometheus is not installed.
         prom::prometheus_binary();
-        let clock: SharedClock = Arc::new(SystemClock);
-        let any = "127.0.0.1:0".parse().unwrap();
-        let vt = FeedSimulator::start(
-            FeedSimSettings {
-                api_key: API_KEY.to_string(),
-                batches: BatchSettings::exact(41, 5),
-                missing,
-                ..FeedSimSettings::default()
-            },
-            clock,
-            any,
-            any,
-        )
-        .await
-        .unwrap();
-        let ktip = start_ktip(KtipSimSettings::default()).await;
+        let (vt, ktip) = prom::start_simulators(41, missing).await;
         let names = Names::new(test);
         let rescan = RescanNames::new(test);
         let boot = bootstrap();

@@ -7,21 +7,17 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::kafka::{Broker, BrokerGuard};
 use common::process::Proc;
 use common::prom::{self, get, http_client};
-use common::rescan::{
-    Req, RescanNames, publish, rescan_config_text, start_ktip, valid, wait_results,
-};
-use common::{API_KEY, Names, config_text, unique};
-use sandbox_bridge::clock::{Clock, SharedClock, SystemClock};
+use common::rescan::{Req, RescanNames, publish, rescan_config_text, valid, wait_results};
+use common::{Names, config_text, unique};
+use sandbox_bridge::clock::{Clock, SystemClock};
 use sandbox_bridge::feed::state_store::load_state;
 use sandbox_bridge::minute::{FeedWindow, Minute};
-use sandbox_bridge::sim::ktip::KtipSimSettings;
-use sandbox_bridge::sim::vt::{BatchSettings, FeedSimSettings, FeedSimulator};
+use sandbox_bridge::sim::vt::MinuteSet;
 
 /// Polls `/readyz` until `want(status)` holds; returns the status and body.
 /// Panics (with the service's log) when the process exits or after `limit`.
@@ -90,21 +86,7 @@ async fn readyz_follows_the_broker(pipelines: Pipelines) {
     let broker = Broker::start(&unique("readyz"), prom::free_port_pair());
     let _guard = BrokerGuard(broker.clone());
 
-    let clock: SharedClock = Arc::new(SystemClock);
-    let any = "127.0.0.1:0".parse().unwrap();
-    let vt = FeedSimulator::start(
-        FeedSimSettings {
-            api_key: API_KEY.to_string(),
-            batches: BatchSettings::exact(51, 5),
-            ..FeedSimSettings::default()
-        },
-        clock,
-        any,
-        any,
-    )
-    .await
-    .unwrap();
-    let ktip = start_ktip(KtipSimSettings::default()).await;
+    let (vt, ktip) = prom::start_simulators(51, MinuteSet::default()).await;
     let names = Names::new("readyz");
     let rescan = RescanNames::new("readyz");
     let start = FeedWindow::at(SystemClock.now(), 0).newest.plus(-5);

@@ -16,8 +16,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
+use sandbox_bridge::clock::SystemClock;
+use sandbox_bridge::sim::ktip::{KtipSimHandle, KtipSimSettings};
+use sandbox_bridge::sim::vt::{
+    BatchSettings, FeedSimHandle, FeedSimSettings, FeedSimulator, MinuteSet,
+};
+
+use super::API_KEY;
 use super::kafka::repo_root;
 use super::process::Proc;
+use super::rescan::start_ktip;
 
 /// The job name the alert rules and dashboards select (`job="sandbox-bridge"`).
 pub const JOB: &str = "sandbox-bridge";
@@ -655,4 +663,25 @@ fn closing(c: &[char], open: usize, left: char, right: char) -> usize {
 pub fn selector_name(selector: &str) -> Option<&str> {
     let name = selector.split('{').next().unwrap().trim();
     (!name.is_empty()).then_some(name)
+}
+
+/// Both simulators on free ports, for a process running both pipelines:
+/// the feed's (5 records a minute from `seed`, `missing` minutes answered
+/// 404) and the KTIP sandbox's with default settings.
+pub async fn start_simulators(seed: u64, missing: MinuteSet) -> (FeedSimHandle, KtipSimHandle) {
+    let any = "127.0.0.1:0".parse().unwrap();
+    let vt = FeedSimulator::start(
+        FeedSimSettings {
+            api_key: API_KEY.to_string(),
+            batches: BatchSettings::exact(seed, 5),
+            missing,
+            ..FeedSimSettings::default()
+        },
+        std::sync::Arc::new(SystemClock),
+        any,
+        any,
+    )
+    .await
+    .unwrap();
+    (vt, start_ktip(KtipSimSettings::default()).await)
 }
